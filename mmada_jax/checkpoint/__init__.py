@@ -1,0 +1,1 @@
+"""Checkpoint I/O: the original's Hugging Face safetensors layout and Orbax."""
