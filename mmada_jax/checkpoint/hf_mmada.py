@@ -94,16 +94,23 @@ def read_hf_config(path: str) -> dict[str, Any]:
     raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from e
 
 
-def load_hf_checkpoint(path: str, dtype: str = "float32", *, mesh: jax.sharding.Mesh | None = None,
+def stored_dtype(path: str) -> str:
+  """The parameter dtype an original checkpoint is stored in ('bfloat16' for the released ones)."""
+  with SafetensorsReader(path) as r:
+    stored = r.dtype(f"{PREFIX}wte.weight")
+  return {"BF16": "bfloat16", "F16": "float16"}.get(stored, "float32")
+
+
+def load_hf_checkpoint(path: str, dtype: str | None = "float32", *, mesh: jax.sharding.Mesh | None = None,
                        rules=None, progress: bool = False, **config_overrides):
   """Loads an original-layout checkpoint directory. Returns ``(params, cfg)``.
 
-  ``dtype`` is the parameter storage dtype (the compute dtype defaults to it; override with
-  ``dtype=`` in ``config_overrides`` via ``compute_dtype``). With ``mesh`` the parameters are
+  ``dtype`` is the parameter storage dtype (None: as stored); the compute dtype defaults to it
+  (override with ``compute_dtype=``). With ``mesh`` the parameters are
   placed sharded by the logical-axis ``rules``.
   """
   compute = config_overrides.pop("compute_dtype", None)
-  pdt = canonical_dtype(dtype)
+  pdt = canonical_dtype(dtype or stored_dtype(path))
   cfg = MMaDAConfig.from_hf_config(read_hf_config(path), param_dtype=pdt, dtype=compute or pdt,
                                    **config_overrides)
   np_dtype = _NP_DTYPES[pdt]

@@ -1,0 +1,99 @@
+"""Our own checkpoint format: an Orbax pytree plus the architecture's config.json.
+
+Layout of a model directory::
+
+  DIR/config.json      the original's config.json fields (architecture; read by MMaDAConfig)
+  DIR/params/          Orbax StandardCheckpointer pytree (tensorstore/zarr, one array per leaf)
+  DIR/mmada_jax.json   {"format": "mmada_jax.params", "version": 1, "param_dtype": ...}; written
+                       last, so a directory without it is an incomplete save and is refused.
+
+Restoring takes an abstract target (shapes, dtypes and, with a mesh, shardings), so each host
+reads only its shards and a checkpoint restores onto any mesh.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from mmada_jax.checkpoint.safetensors_io import CheckpointError
+from mmada_jax.model import transformer
+from mmada_jax.model.config import MMaDAConfig, canonical_dtype
+from mmada_jax.sharding.rules import param_shardings
+
+MARKER = "mmada_jax.json"
+FORMAT = "mmada_jax.params"
+
+
+def is_orbax_model_dir(path: str) -> bool:
+  return os.path.isdir(os.path.join(path, "params")) or os.path.isfile(os.path.join(path, MARKER))
+
+
+def save_params(params: Any, cfg: MMaDAConfig, path: str, *, hf_config: dict[str, Any] | None = None,
+                overwrite: bool = False) -> None:
+  """Saves params + config to ``path`` atomically (a temp directory renamed at the end)."""
+  transformer.check_params(params, cfg)
+  path = os.path.abspath(path)
+  if os.path.exists(path) and os.listdir(path) and not overwrite:
+    raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True to replace it)")
+  tmp = path + ".partial"
+  if os.path.exists(tmp):
+    shutil.rmtree(tmp)
+  os.makedirs(tmp)
+  try:
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.join(tmp, "params"), params)
+    ckptr.wait_until_finished()
+    hf = dict(hf_config or {})
+    hf.update(cfg.to_hf_config())
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(hf, f, indent=2, sort_keys=True)
+    with open(os.path.join(tmp, MARKER), "w") as f:
+      json.dump({"format": FORMAT, "version": 1, "param_dtype": cfg.param_dtype,
+                 "n_params": cfg.num_params()}, f, indent=2)
+    if os.path.exists(path):
+      shutil.rmtree(path)
+    os.replace(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def load_params(path: str, dtype: str | None = None, *, mesh: jax.sharding.Mesh | None = None,
+                rules=None, **config_overrides) -> tuple[Any, MMaDAConfig]:
+  """Restores ``(params, cfg)`` from a directory written by :func:`save_params`.
+
+  ``dtype`` casts the parameters on restore (default: the stored dtype). With ``mesh`` each
+  leaf is restored directly into its sharding.
+  """
+  marker = os.path.join(path, MARKER)
+  if not os.path.isfile(marker):
+    raise CheckpointError(f"{path} is not a complete mmada_jax checkpoint ({MARKER} missing: "
+                          "the save was interrupted or this is another format)")
+  with open(marker) as f:
+    meta = json.load(f)
+  if meta.get("format") != FORMAT:
+    raise CheckpointError(f"{marker}: unknown format {meta.get('format')!r}")
+  compute = config_overrides.pop("compute_dtype", None)
+  pdt = canonical_dtype(dtype or meta["param_dtype"])
+  cfg = MMaDAConfig.from_pretrained_dir(path, param_dtype=pdt, dtype=compute or pdt, **config_overrides)
+  shapes = transformer.param_shapes(cfg)
+  is_shape = lambda t: isinstance(t, tuple) and all(isinstance(i, int) for i in t)
+  if mesh is None:
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jax.numpy.dtype(pdt), sharding=dev),
+                          shapes, is_leaf=is_shape)
+  else:
+    structs = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jax.numpy.dtype(pdt)), shapes, is_leaf=is_shape)
+    shard = param_shardings(transformer.param_axes(cfg), structs, mesh, rules)
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), structs, shard)
+  try:
+    params = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), target)
+  except Exception as e:
+    raise CheckpointError(f"cannot restore parameters from {path}/params: {e}") from e
+  transformer.check_params(params, cfg)
+  return params, cfg
