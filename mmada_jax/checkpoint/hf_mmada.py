@@ -102,12 +102,13 @@ def stored_dtype(path: str) -> str:
 
 
 def load_hf_checkpoint(path: str, dtype: str | None = "float32", *, mesh: jax.sharding.Mesh | None = None,
-                       rules=None, progress: bool = False, **config_overrides):
+                       rules=None, progress: bool = False, host: bool = False, **config_overrides):
   """Loads an original-layout checkpoint directory. Returns ``(params, cfg)``.
 
   ``dtype`` is the parameter storage dtype (None: as stored); the compute dtype defaults to it
   (override with ``compute_dtype=``). With ``mesh`` the parameters are
-  placed sharded by the logical-axis ``rules``.
+  placed sharded by the logical-axis ``rules``. With ``host=True`` the leaves stay numpy arrays
+  (no device copy), which is what the converter uses to keep peak memory at one copy.
   """
   compute = config_overrides.pop("compute_dtype", None)
   pdt = canonical_dtype(dtype or stored_dtype(path))
@@ -134,7 +135,9 @@ def load_hf_checkpoint(path: str, dtype: str | None = "float32", *, mesh: jax.sh
                               f"for the architecture in config.json")
       return reader[key]
 
-    def place(arr: np.ndarray, names: tuple[str, ...]) -> jax.Array:
+    def place(arr: np.ndarray, names: tuple[str, ...]) -> jax.Array | np.ndarray:
+      if host:
+        return arr
       if mesh is None:
         return jax.device_put(arr)
       from mmada_jax.sharding.rules import logical_to_spec

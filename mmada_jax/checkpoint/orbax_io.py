@@ -34,7 +34,7 @@ def is_orbax_model_dir(path: str) -> bool:
 
 
 def save_params(params: Any, cfg: MMaDAConfig, path: str, *, hf_config: dict[str, Any] | None = None,
-                overwrite: bool = False) -> None:
+                overwrite: bool = False, save_concurrent_gb: int = 1) -> None:
   """Saves params + config to ``path`` atomically (a temp directory renamed at the end)."""
   transformer.check_params(params, cfg)
   path = os.path.abspath(path)
@@ -45,9 +45,10 @@ def save_params(params: Any, cfg: MMaDAConfig, path: str, *, hf_config: dict[str
     shutil.rmtree(tmp)
   os.makedirs(tmp)
   try:
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(tmp, "params"), params)
-    ckptr.wait_until_finished()
+    # Synchronous save with a bounded number of bytes in flight: the write buffers never hold a
+    # second full copy of the weights (the converter's peak memory stays near one copy).
+    ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb))
+    ckptr.save(os.path.join(tmp, "params"), args=ocp.args.StandardSave(params))
     hf = dict(hf_config or {})
     hf.update(cfg.to_hf_config())
     with open(os.path.join(tmp, "config.json"), "w") as f:

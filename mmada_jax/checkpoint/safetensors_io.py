@@ -2,18 +2,19 @@
 
 A checkpoint is a directory (or a single ``*.safetensors`` file) holding either one
 ``<name>.safetensors`` file or several shards listed by ``<name>.safetensors.index.json``.
-Tensors are read one at a time, memory-mapped, so converting a large checkpoint never holds
-more than the tensor being read in addition to what the caller keeps.
+Tensors are read one at a time with plain reads (no memory map), so converting a large
+checkpoint never holds more than the tensor being read in addition to what the caller keeps.
 """
 from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 from typing import Iterable, Iterator, Mapping
 
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 
@@ -30,7 +31,7 @@ def _resolve(path: str, file_names: Iterable[str]) -> tuple[str, dict[str, str]]
     if path.endswith(".index.json"):
       index_path = path
     else:
-      return os.path.dirname(path), _keys_of(path)
+      return os.path.dirname(path), {k: path for k in _read_header(path)[0]}
   else:
     if not os.path.isdir(path):
       raise CheckpointError(f"checkpoint path does not exist: {path}")
@@ -41,7 +42,7 @@ def _resolve(path: str, file_names: Iterable[str]) -> tuple[str, dict[str, str]]
         break
       if os.path.isfile(os.path.join(path, name)):
         single = os.path.join(path, name)
-        return path, _keys_of(single)
+        return path, {k: single for k in _read_header(single)[0]}
     if index_path is None:
       raise CheckpointError(
           f"no safetensors weights in {path}: expected one of "
@@ -61,35 +62,60 @@ def _resolve(path: str, file_names: Iterable[str]) -> tuple[str, dict[str, str]]
   return directory, key_to_file
 
 
-def _keys_of(file_path: str) -> dict[str, str]:
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+           "U16": np.uint16, "U32": np.uint32, "U64": np.uint64, "BOOL": np.bool_}
+
+
+def _read_header(file_path: str) -> tuple[dict, int]:
+  """Parses a safetensors header: ({key: {dtype, shape, data_offsets}}, data start offset)."""
   try:
-    with safe_open(file_path, framework="numpy") as f:
-      return {k: file_path for k in f.keys()}
-  except Exception as e:  # safetensors raises its own error types for corrupt headers.
+    size = os.path.getsize(file_path)
+    with open(file_path, "rb") as f:
+      raw = f.read(8)
+      if len(raw) != 8:
+        raise ValueError("file is shorter than the 8-byte header length")
+      n = struct.unpack("<Q", raw)[0]
+      if n > size - 8:
+        raise ValueError(f"header length {n} exceeds the file size {size}")
+      header = json.loads(f.read(n))
+  except (OSError, ValueError, UnicodeDecodeError) as e:
     raise CheckpointError(f"cannot read safetensors file {file_path}: {e}") from e
+  header.pop("__metadata__", None)
+  start = 8 + n
+  for key, info in header.items():
+    lo, hi = info["data_offsets"]
+    if info["dtype"] not in _DTYPES:
+      raise CheckpointError(f"{file_path}: tensor {key!r} has unsupported dtype {info['dtype']}")
+    nbytes = int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(_DTYPES[info["dtype"]]).itemsize
+    if hi - lo != nbytes or start + hi > size:
+      raise CheckpointError(f"{file_path} is truncated or corrupt: tensor {key!r} needs bytes "
+                            f"[{start + lo}, {start + hi}) of a {size}-byte file")
+  return header, start
 
 
 class SafetensorsReader:
   """Lazy reader over a (possibly sharded) safetensors checkpoint.
 
-  ``reader[key]`` returns a numpy array (bf16 as ``ml_dtypes.bfloat16``); ``shape(key)`` and
-  ``dtype(key)`` read only the header.
+  ``reader[key]`` reads one tensor with ``pread`` into a fresh numpy array (bf16 as
+  ``ml_dtypes.bfloat16``); nothing is memory-mapped, so finished tensors do not linger in the
+  process's resident memory. ``shape(key)`` and ``dtype(key)`` read only the header.
   """
 
   def __init__(self, path: str, file_names: Iterable[str] = _DEFAULT_NAMES):
     self.directory, self._key_to_file = _resolve(path, tuple(file_names))
-    self._handles: dict[str, object] = {}
+    self._headers: dict[str, tuple[dict, int]] = {}
 
-  def _handle(self, key: str):
+  def _info(self, key: str) -> tuple[str, dict, int]:
     if key not in self._key_to_file:
       raise CheckpointError(f"tensor {key!r} is missing from the checkpoint in {self.directory}")
     file_path = self._key_to_file[key]
-    if file_path not in self._handles:
-      try:
-        self._handles[file_path] = safe_open(file_path, framework="numpy")
-      except Exception as e:
-        raise CheckpointError(f"cannot read safetensors file {file_path}: {e}") from e
-    return self._handles[file_path]
+    if file_path not in self._headers:
+      self._headers[file_path] = _read_header(file_path)
+    header, start = self._headers[file_path]
+    if key not in header:
+      raise CheckpointError(f"tensor {key!r} is listed for {file_path} but is not in that file")
+    return file_path, header[key], start
 
   def keys(self) -> list[str]:
     return list(self._key_to_file)
@@ -98,22 +124,32 @@ class SafetensorsReader:
     return key in self._key_to_file
 
   def shape(self, key: str) -> tuple[int, ...]:
-    return tuple(self._handle(key).get_slice(key).get_shape())
+    return tuple(self._info(key)[1]["shape"])
 
   def dtype(self, key: str) -> str:
     """The safetensors dtype string, e.g. ``F32``, ``BF16``, ``I64``."""
-    return self._handle(key).get_slice(key).get_dtype()
+    return self._info(key)[1]["dtype"]
 
   def __getitem__(self, key: str) -> np.ndarray:
+    file_path, info, start = self._info(key)
+    lo, hi = info["data_offsets"]
+    out = np.empty(info["shape"], _DTYPES[info["dtype"]])
+    view = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
     try:
-      return self._handle(key).get_tensor(key)
-    except CheckpointError:
-      raise
-    except Exception as e:
-      raise CheckpointError(f"cannot read tensor {key!r} from {self._key_to_file[key]}: {e}") from e
+      with open(file_path, "rb", buffering=0) as f:
+        f.seek(start + lo)
+        got = 0
+        while got < hi - lo:
+          n = f.readinto(view[got:])
+          if not n:
+            raise CheckpointError(f"{file_path} ended early while reading tensor {key!r}")
+          got += n
+    except OSError as e:
+      raise CheckpointError(f"cannot read tensor {key!r} from {file_path}: {e}") from e
+    return out
 
   def close(self) -> None:
-    self._handles.clear()
+    self._headers.clear()
 
   def __enter__(self) -> "SafetensorsReader":
     return self
