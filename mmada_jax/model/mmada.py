@@ -16,10 +16,11 @@ import numpy as np
 from mmada_jax.checkpoint import hf_mmada, orbax_io
 from mmada_jax.model import transformer
 from mmada_jax.model.config import MMaDAConfig, canonical_dtype
+from mmada_jax.sampling.api import GenerationMixin
 from mmada_jax.sharding.rules import DEFAULT_RULES, logical_to_spec, shard_params
 
 
-class MMaDA:
+class MMaDA(GenerationMixin):
   """A loaded MMaDA model.
 
   Attributes:

@@ -6,6 +6,7 @@ as numpy arrays under the fixture's output names; ``compare`` lists the mismatch
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -60,10 +61,71 @@ def load_cases(path: str) -> dict[str, np.ndarray]:
     return {k: z[k] for k in z.files}
 
 
+_NUM = r"(\d+(?:[.p]\d+)?)"
+_TEXT_RE = re.compile(rf"^(?P<mmu>mmu_)?g(?P<g>\d+)_b(?P<b>\d+)_s(?P<s>\d+)(?:_cfg(?P<cfg>{_NUM}))?")
+_T2I_RE = re.compile(rf"^cfg(?P<cfg>{_NUM})_t(?P<t>\d+)(?:_temp(?P<temp>{_NUM}))?")
+
+
+def _num(text: str | None, default: float) -> float:
+  return default if text is None else float(text.replace("p", "."))
+
+
+def text_setting(name: str, cases: Mapping[str, np.ndarray]) -> TextSetting:
+  """The settings of a recorded ``text_gen`` run, read from its name and arrays.
+
+  Names follow ``[mmu_]g{gen}_b{block}_s{steps}[_cfg{w}][...]``; the prompt, padding mask and
+  random-remasking tape are recognised by the arrays present, and lengths are checked against
+  the recorded output, so settings beyond the documented table replay too.
+  """
+  out = f"text_gen/out/{name}"
+  m = _TEXT_RE.match(name)
+  if m is None:
+    if name in TEXT_SETTINGS:
+      return TEXT_SETTINGS[name]
+    raise ValueError(f"text_gen setting {name!r}: cannot read gen/block/steps from its name")
+  padded = f"{out}.attention_mask" in cases
+  random_tape = f"{out}.torch_rand" in cases
+  prompt = "prompt_mmu" if m.group("mmu") or "_mmu" in name else ("prompt_padded" if padded else "prompt")
+  if f"text_gen/in/{prompt}" not in cases:
+    raise ValueError(f"text_gen setting {name!r}: input text_gen/in/{prompt} is missing")
+  setting = TextSetting(prompt, int(m.group("s")), int(m.group("g")), int(m.group("b")),
+                        cfg_scale=_num(m.group("cfg"), 0.0),
+                        remasking="random" if random_tape else "low_confidence",
+                        padded=padded, random_tape=random_tape)
+  want = cases[f"{out}.output"].shape[1] - cases[f"text_gen/in/{prompt}"].shape[1]
+  if want != setting.gen_length:
+    raise ValueError(f"text_gen setting {name!r}: name says gen_length={setting.gen_length} but the "
+                     f"recorded output has {want} generated tokens")
+  return setting
+
+
+def t2i_setting(name: str, cases: Mapping[str, np.ndarray]) -> T2ISetting:
+  """The settings of a recorded ``t2i_gen`` run: ``cfg{w}_t{steps}[_temp{tau}]`` (tau default 1)."""
+  m = _T2I_RE.match(name)
+  if m is None:
+    if name in T2I_SETTINGS:
+      return T2I_SETTINGS[name]
+    raise ValueError(f"t2i_gen setting {name!r}: cannot read guidance/timesteps from its name")
+  setting = T2ISetting(_num(m.group("cfg"), 0.0), int(m.group("t")), _num(m.group("temp"), 1.0))
+  steps = cases[f"t2i_gen/out/{name}.multinomial"].shape[0]
+  if steps != setting.timesteps:
+    raise ValueError(f"t2i_gen setting {name!r}: name says {setting.timesteps} steps, tape has {steps}")
+  return setting
+
+
+def discover_settings(cases: Mapping[str, np.ndarray]) -> tuple[list[str], list[str]]:
+  """Names of every recorded text_gen and t2i_gen setting in ``cases``."""
+  text = sorted({k[len("text_gen/out/"):-len(".output")] for k in cases
+                 if k.startswith("text_gen/out/") and k.endswith(".output")})
+  t2i = sorted({k[len("t2i_gen/out/"):-len(".sampled_ids")] for k in cases
+                if k.startswith("t2i_gen/out/") and k.endswith(".sampled_ids")})
+  return text, t2i
+
+
 def run_text_setting(params: Any, cfg: MMaDAConfig, cases: Mapping[str, np.ndarray], name: str
                      ) -> dict[str, np.ndarray]:
   """Runs ``text_gen`` setting ``name``; returns {'output' [B, P+G], 'trajectory' [T, B|2B, P+G]}."""
-  s = TEXT_SETTINGS[name]
+  s = text_setting(name, cases)
   out = f"text_gen/out/{name}"
   sample = generate_text(
       params, cfg, cases[f"text_gen/in/{s.prompt}"], gen_length=s.gen_length,
@@ -79,7 +141,7 @@ def run_t2i_setting(params: Any, cfg: MMaDAConfig, cases: Mapping[str, np.ndarra
 
   The fixtures use resolution R = S, so the original's uncond prefix R + 1 is S + 1.
   """
-  s = T2I_SETTINGS[name]
+  s = t2i_setting(name, cases)
   inp, out = "t2i_gen/in", f"t2i_gen/out/{name}"
   use_cfg = s.guidance_scale > 0
   sample = generate_image_tokens(
@@ -113,8 +175,9 @@ def compare(got: Mapping[str, np.ndarray], cases: Mapping[str, np.ndarray], pref
 def replay_all(params: Any, cfg: MMaDAConfig, cases: Mapping[str, np.ndarray]) -> dict[str, list[str]]:
   """Every text_gen and t2i_gen setting -> its list of mismatches (empty = exact)."""
   report = {}
-  for name in TEXT_SETTINGS:
+  text_names, t2i_names = discover_settings(cases)
+  for name in text_names:
     report[f"text_gen/{name}"] = compare(run_text_setting(params, cfg, cases, name), cases, f"text_gen/out/{name}")
-  for name in T2I_SETTINGS:
+  for name in t2i_names:
     report[f"t2i_gen/{name}"] = compare(run_t2i_setting(params, cfg, cases, name), cases, f"t2i_gen/out/{name}")
   return report
