@@ -1,0 +1,471 @@
+"""The trainer on 8 simulated CPU devices: loss falls, exact resume after SIGKILL and SIGTERM,
+restore onto another mesh, non-finite loss handling, init_from, clear config/data errors.
+
+Whole runs are subprocesses of ``python -m mmada_jax.train`` with the tiny config; they share a
+persistent compilation cache, so the train step compiles once per mesh for the module.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))  # the configs/ package lives at the repository root
+
+from configs import common, tiny  # noqa: E402
+from mmada_jax.prompting.special_tokens import IGNORE_ID
+from mmada_jax.sharding.rules import make_mesh
+from mmada_jax.train import checkpointing, optim, stages, state as state_lib
+from mmada_jax.train.step import to_global_batch
+from mmada_jax.train.toy_data import TOY_SPECIALS, make_toy_iterator
+from mmada_jax.train.trainer import model_config, parse_rules
+
+REF = ("--config.steps=24", "--config.checkpoint_every=4", "--config.log_every=1")
+COMPARED = ("loss", "loss_t2i", "loss_lm", "loss_mmu", "grad_norm", "lr")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> pathlib.Path:
+  return tmp_path_factory.mktemp("jax_cache")
+
+
+def _env(cache: pathlib.Path, devices: int = 8) -> dict[str, str]:
+  env = dict(os.environ)
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONPATH=str(REPO))
+  return env
+
+
+def _cmd(workdir, *overrides, variant: str = "pretrain") -> list[str]:
+  return [sys.executable, "-m", "mmada_jax.train", f"--config=configs/tiny.py:{variant}",
+          f"--workdir={workdir}", "--config.progress_bar=False", *overrides]
+
+
+def _run(cache, workdir, *overrides, variant="pretrain", timeout=240) -> subprocess.CompletedProcess:
+  return subprocess.run(_cmd(workdir, *overrides, variant=variant), cwd=REPO, env=_env(cache),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _metrics(workdir) -> dict[int, dict]:
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  steps = [r["step"] for r in rows]
+  assert steps == sorted(set(steps)), f"metrics.jsonl steps not unique/increasing: {steps}"
+  return {r["step"]: r for r in rows}
+
+
+def _assert_identical(got: dict[int, dict], want: dict[int, dict]) -> None:
+  assert sorted(got) == sorted(want)
+  for s in want:
+    for k in COMPARED:
+      assert got[s][k] == want[s][k], f"step {s} {k}: {got[s][k]!r} != {want[s][k]!r}"
+
+
+def _wait_for(pred, proc: subprocess.Popen, timeout: float = 240.0) -> None:
+  t0 = time.time()
+  while not pred():
+    if proc.poll() is not None:
+      raise AssertionError(f"the run ended (rc={proc.returncode}) before the expected event")
+    if time.time() - t0 > timeout:
+      proc.kill()
+      raise AssertionError("timed out waiting for the run")
+    time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def reference(cache, tmp_path_factory) -> pathlib.Path:
+  """An uninterrupted 24-step run (checkpoints every 4 steps, keep 3)."""
+  wd = tmp_path_factory.mktemp("reference")
+  r = _run(cache, wd, *REF)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return wd
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+def test_tiny_trains_and_reports(reference):
+  m = _metrics(reference)
+  assert sorted(m) == list(range(1, 25))
+  first, last = m[1]["loss"], np.mean([m[s]["loss"] for s in range(21, 25)])
+  assert last < 0.6 * first, (first, last)
+  for key in ("step", "loss", "loss_t2i", "loss_lm", "loss_mmu", "lr", "grad_norm"):
+    assert key in m[5], key
+  assert m[5]["tokens_per_sec"] > 0 and m[5]["steps_per_sec"] > 0
+  assert m[1]["lr"] == 0.0 and m[10]["lr"] > m[2]["lr"]                      # linear warm-up from 0
+  assert list((reference / "tensorboard").glob("events.out.tfevents.*"))
+  assert sorted(int(p.name) for p in (reference / "checkpoints").iterdir()) == [16, 20, 24]  # max_to_keep=3
+  assert json.load(open(reference / "status.json"))["status"] == "finished"
+  meta = json.load(open(reference / "config.json"))
+  assert meta["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and meta["config"]["steps"] == 24
+
+
+def test_sigkill_then_rerun_is_bit_identical(cache, reference, tmp_path):
+  wd = tmp_path / "killed"
+  log = open(tmp_path / "log.txt", "w")
+  proc = subprocess.Popen(_cmd(wd, *REF), cwd=REPO, env=_env(cache), stdout=log, stderr=subprocess.STDOUT)
+  _wait_for(lambda: (wd / "checkpoints" / "8").is_dir(), proc)
+  os.kill(proc.pid, signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL
+  logged = max(_metrics(wd)) if (wd / "metrics.jsonl").exists() else 0
+  r = _run(cache, wd, *REF)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "resumed from" in r.stderr
+  resumed_at = int(r.stderr.split("resumed from")[1].split("step")[1].split()[0])
+  assert 8 <= resumed_at < 24 and resumed_at % 4 == 0, (resumed_at, logged)
+  _assert_identical(_metrics(wd), _metrics(reference))
+
+
+def test_sigterm_saves_exits_cleanly_and_resumes_exactly(cache, reference, tmp_path):
+  wd = tmp_path / "preempted"
+  log = open(tmp_path / "log.txt", "w")
+  proc = subprocess.Popen(_cmd(wd, *REF), cwd=REPO, env=_env(cache), stdout=log, stderr=subprocess.STDOUT)
+  _wait_for(lambda: (wd / "metrics.jsonl").exists() and len(open(wd / "metrics.jsonl").readlines()) >= 2, proc)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == 0
+  status = json.load(open(wd / "status.json"))
+  assert status["status"] == "preempted", status
+  step = status["step"]
+  assert 2 <= step < 24
+  assert (wd / "checkpoints" / str(step) / "state").is_dir()
+  assert "preemption signal: saved a checkpoint at step" in open(tmp_path / "log.txt").read()
+  r = _run(cache, wd, *REF)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"step {step}" in r.stderr
+  _assert_identical(_metrics(wd), _metrics(reference))
+
+
+def test_restore_onto_another_mesh(cache, reference, tmp_path):
+  cfg = tiny.get_config("pretrain")
+  mcfg = model_config(cfg.model)
+  tx, _ = optim.make_optimizer(cfg.optimizer, state_lib.abstract_params(mcfg), 24)
+  ckpt = checkpointing.Checkpointer(str(reference / "checkpoints"), cfg.checkpoint)
+  restored = {}
+  for shape in ("fsdp=8", "fsdp=2,tensor=4"):
+    mesh = make_mesh(shape)
+    abstract, _ = state_lib.state_shardings(mcfg, tx, mesh)
+    with jax.set_mesh(mesh):
+      step, state, data, meta = ckpt.restore_latest(abstract)
+    assert step == 24 and int(state.step) == 24 and data["step"] == 24 and meta["step"] == 24
+    restored[shape] = state
+  ckpt.close()
+  new = restored["fsdp=2,tensor=4"]
+  assert new.params["lm_head"].sharding.spec == P("fsdp", "tensor")
+  assert new.params["blocks"]["ff_proj"].sharding.spec == P(None, "fsdp", "tensor")
+  adam = [x for x in jax.tree.leaves(new.opt_state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(x, "mu")][0]
+  assert adam.mu["lm_head"].sharding.spec == P("fsdp", "tensor")
+  for a, b in zip(jax.tree.leaves(restored["fsdp=8"]), jax.tree.leaves(new)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # ... and training continues on that mesh.
+  wd = tmp_path / "continued"
+  shutil.copytree(reference, wd)
+  r = _run(cache, wd, "--config.steps=26", "--config.checkpoint_every=4", "--config.mesh_shape=fsdp=2,tensor=4")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "resumed from" in r.stderr and "'tensor': 4" in r.stderr
+  m = _metrics(wd)
+  assert sorted(m)[-2:] == [25, 26] and all(np.isfinite(m[s]["loss"]) for s in (25, 26))
+
+
+def test_nonfinite_loss_stops_with_last_good_checkpoint(cache, tmp_path):
+  wd = tmp_path / "nan"
+  r = _run(cache, wd, "--config.steps=12", "--config.checkpoint_every=1", "--config.optimizer.lr=1e30",
+           "--config.optimizer.warmup_steps=0")
+  assert r.returncode == 3, r.stderr[-3000:]
+  assert "non-finite loss at step" in r.stderr and "last good checkpoint is step" in r.stderr
+  bad = int(r.stderr.split("non-finite loss at step ")[1].split(":")[0])
+  steps = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps and steps[-1] == bad - 1
+  cfg = tiny.get_config("pretrain")
+  mcfg = model_config(cfg.model)
+  tx, _ = optim.make_optimizer(cfg.optimizer, state_lib.abstract_params(mcfg), 12)
+  abstract, _ = state_lib.state_shardings(mcfg, tx, make_mesh("fsdp=8"))
+  ckpt = checkpointing.Checkpointer(str(wd / "checkpoints"), cfg.checkpoint)
+  _, state, _, _ = ckpt.restore_latest(abstract)
+  ckpt.close()
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+  assert json.load(open(wd / "status.json"))["status"] == "nonfinite"
+
+
+def test_unknown_config_key_fails_at_once(cache, tmp_path):
+  t0 = time.time()
+  r = _run(cache, tmp_path / "x", "--config.nonexistent=1")
+  assert r.returncode == 2 and "nonexistent" in r.stderr, r.stderr[-2000:]
+  r = _run(cache, tmp_path / "x", "--config.optimizer.lrr=1")
+  assert r.returncode == 2 and "config.optimizer.lrr" in r.stderr, r.stderr[-2000:]
+  assert time.time() - t0 < 60
+  assert not (tmp_path / "x").exists()
+
+
+def test_missing_data_paths_are_named(cache, tmp_path):
+  r = subprocess.run(_cmd(tmp_path / "x", "--config.data.text_tokenizer=/nonexistent/tokenizer.json",
+                          variant="pretrain,records"), cwd=REPO, env=_env(cache), capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert "config.data.text_tokenizer='/nonexistent/tokenizer.json' does not exist" in r.stderr
+  for task in ("t2i", "lm", "mmu"):
+    assert f"config.data.{task}.path is empty" in r.stderr
+  r = subprocess.run(_cmd(tmp_path / "y", "--config.init_from=/nonexistent/ckpt"), cwd=REPO, env=_env(cache),
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2 and "config.init_from='/nonexistent/ckpt' does not exist" in r.stderr
+
+
+def test_records_source_sft_and_init_from_workdir(cache, tmp_path):
+  """The grain pipeline over synthetic files feeds the same trainer (SFT, lm_chat rows), and
+  init_from loads the pre-training workdir's newest params (vocabularies differ, so only when
+  shapes match: here a fresh tiny model with the tokenizer's vocabulary)."""
+  from mmada_jax.data import synthetic
+  tok = synthetic.tiny_tokenizer(vocab_size=300)
+  tok_dir = tok.save(str(tmp_path / "tok"))
+  d = tmp_path / "data"
+  synthetic.write_token_shards(str(d / "t2i"), 32, num_tokens=16, codebook_size=64)
+  synthetic.write_token_shards(str(d / "mmu"), 32, num_tokens=16, codebook_size=64, kind="messages")
+  synthetic.write_chat_jsonl(str(d / "chat.jsonl"), 32)
+  from mmada_jax.prompting.special_tokens import SpecialTokens
+  sp = SpecialTokens.from_tokenizer(tok)
+  over = ["--config.steps=6", "--config.checkpoint_every=3", f"--config.data.text_tokenizer={tok_dir}",
+          f"--config.data.t2i.path={d / 't2i'}", f"--config.data.mmu.path={d / 'mmu'}",
+          f"--config.data.lm.path={d / 'chat.jsonl'}", f"--config.model.vocab_size={sp.image_offset + 64}",
+          f"--config.model.mask_token_id={sp.mask}", f"--config.model.llm_vocab_size={sp.image_offset}",
+          "--config.optimizer.lr=1e-2", "--config.optimizer.schedule_steps=6"]
+  wd = tmp_path / "sft"
+  r = subprocess.run(_cmd(wd, *over, variant="sft,records"), cwd=REPO, env=_env(cache),
+                     capture_output=True, text=True, timeout=240)
+  assert r.returncode == 0, r.stderr[-3000:]
+  m = _metrics(wd)
+  assert sorted(m) == list(range(1, 7)) and m[6]["loss"] < m[1]["loss"]
+  assert (wd / "checkpoints" / "6" / "data" / "process_0-of-1.json").is_file()
+  # init_from this workdir: params only, optimizer fresh, step 0.
+  wd2 = tmp_path / "sft2"
+  r = subprocess.run(_cmd(wd2, *over, f"--config.init_from={wd}", "--config.steps=1", variant="sft,records"),
+                     cwd=REPO, env=_env(cache), capture_output=True, text=True, timeout=240)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"initialised parameters from {wd}" in r.stderr
+  assert _metrics(wd2)[1]["loss"] < m[1]["loss"]
+  # A vocabulary mismatch with the data is caught before training.
+  r = subprocess.run(_cmd(tmp_path / "bad", *over, "--config.model.mask_token_id=5", variant="sft,records"),
+                     cwd=REPO, env=_env(cache), capture_output=True, text=True, timeout=240)
+  assert r.returncode == 2 and "mask_token_id=5" in r.stderr, r.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- units
+
+def test_lr_schedule_and_quirks():
+  o = common.optimizer_config(lr=1.0, warmup_steps=10)
+  f = optim.lr_schedule(o, 110)
+  np.testing.assert_allclose([float(f(s)) for s in (0, 5, 10, 60, 110, 200)], [0, 0.5, 1, 0.5, 0, 0], atol=1e-6)
+  o.honour_min_lr_scale = True
+  f = optim.lr_schedule(o, 110)
+  np.testing.assert_allclose([float(f(s)) for s in (10, 60, 110)], [1, 0.55, 0.1], atol=1e-6)
+  params = {"wte": jnp.zeros((4, 2)), "ln_f": jnp.zeros(2), "blocks": {"attn_norm": jnp.zeros((2, 2)),
+                                                                      "q_proj": jnp.zeros((2, 2, 2))}}
+  assert all(jax.tree.leaves(optim.weight_decay_mask("all", params)))
+  m = optim.weight_decay_mask("matrices", params)
+  assert m["blocks"]["q_proj"] and not m["wte"] and not m["ln_f"] and not m["blocks"]["attn_norm"]
+
+
+def test_adamw_matches_torch_formula():
+  o = common.optimizer_config(lr=0.1, warmup_steps=0, clip_grad_norm=0.0)
+  p = {"w": jnp.array([1.0, -2.0])}
+  g = {"w": jnp.array([0.5, 0.25])}
+  tx, _ = optim.make_optimizer(o, p, 100)
+  upd, _ = tx.update(g, tx.init(p), p)
+  new = np.asarray(p["w"] + upd["w"])
+  # torch AdamW step 1: p -= lr*wd*p; m̂ = g, v̂ = g²; p -= lr * m̂/(sqrt(v̂)+eps)
+  want = np.array([1.0, -2.0]) * (1 - 0.1 * 0.01) - 0.1 * np.array([0.5, 0.25]) / (np.array([0.5, 0.25]) + 1e-8)
+  np.testing.assert_allclose(new, want, rtol=1e-6)
+
+
+def test_state_shardings_follow_params():
+  cfg = tiny.get_config("pretrain")
+  mcfg = model_config(cfg.model)
+  tx, _ = optim.make_optimizer(cfg.optimizer, state_lib.abstract_params(mcfg), 10)
+  mesh = make_mesh("fsdp=4,tensor=2")
+  abstract, shard = state_lib.state_shardings(mcfg, tx, mesh, parse_rules("vocab=tensor"))
+  adam = [s for s in jax.tree.leaves(shard.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
+          if hasattr(s, "mu")][0]
+  assert adam.mu["lm_head"].spec == shard.params["lm_head"].spec == P("fsdp", "tensor")
+  assert adam.nu["blocks"]["q_proj"].spec == P(None, "fsdp", "tensor", None)
+  assert shard.step.spec == P() and abstract.rng.shape == (2,)
+  with pytest.raises(ValueError, match="unknown mesh axes"):
+    parse_rules("vocab=model")
+
+
+def test_micro_batches_interleave_rows():
+  mesh = make_mesh("fsdp=4,tensor=2")
+  x = np.arange(16 * 3).reshape(16, 3)
+  g = to_global_batch({"a": {"ids": x}}, 2, mesh)["a"]["ids"]
+  assert g.shape == (2, 8, 3) and g.sharding.spec == P(None, ("data", "fsdp"), None)
+  np.testing.assert_array_equal(np.asarray(g)[0], x[0::2])
+  np.testing.assert_array_equal(np.asarray(g)[1], x[1::2])
+  with pytest.raises(ValueError, match="cannot be split"):
+    to_global_batch({"ids": np.zeros((4, 3))}, 2, mesh)
+
+
+def test_mixed_noising_semantics():
+  cfg = tiny.get_config("pretrain")
+  it = make_toy_iterator(cfg.data, cfg.toy, 0, 1, 0)
+  batch = jax.tree.map(jnp.asarray, next(it))
+  spec = stages.MixedSpec.from_config(cfg, model_config(cfg.model))
+  lb, sizes = stages.noise_mixed_batch(batch, jax.random.PRNGKey(3), spec)
+  s, n, mask = cfg.data.max_text_len, cfg.data.num_image_tokens, TOY_SPECIALS.mask
+  assert sizes == (16, 16, 16) and lb["input_ids"].shape == (48, s + n + 3)
+  ids, labels = np.asarray(lb["input_ids"]), np.asarray(lb["labels"])
+  t_ids, t_lab = ids[:16], labels[:16]
+  clean = np.asarray(batch["t2i"]["input_ids"])
+  img = slice(s + 2, s + 2 + n)
+  masked = t_ids[:, img] == mask
+  assert (t_lab[:, :s + 1] == IGNORE_ID).all()                                  # text never in the loss
+  assert (t_lab[:, s + 1] == TOY_SPECIALS.soi).all() and (t_lab[:, -1] == TOY_SPECIALS.eoi).all()
+  np.testing.assert_array_equal(np.where(masked, clean[:, img], IGNORE_ID), t_lab[:, img])
+  assert (masked.sum(1) >= 1).all() and set(np.unique(masked.sum(1))) <= set(range(1, n + 1))
+  np.testing.assert_array_equal(t_ids[:, :s + 2], clean[:, :s + 2])
+  mmu_clean, mmu_pm = np.asarray(batch["mmu"]["input_ids"]), np.asarray(batch["mmu"]["prompt_mask"])
+  np.testing.assert_array_equal(ids[32:][mmu_pm > 0], mmu_clean[mmu_pm > 0])       # prompt never noised
+  assert (labels[32:, :n + 3] == IGNORE_ID).all()
+  np.testing.assert_array_equal(np.asarray(lb["answer_lengths"]), (mmu_pm == 0).sum(1))
+  np.testing.assert_array_equal(labels[16:32], np.asarray(batch["lm"]["input_ids"]))
+  assert "answer_lengths_lm" not in lb                                           # lm pre-training formula
+  p = np.asarray(lb["p_mask_lm"])
+  assert ((p >= 1e-3) & (p <= 1.0)).all()
+  # Both t2i attention options train; they differ only through the t2i rows' padding.
+  import dataclasses
+  from mmada_jax.model import transformer
+  mcfg = model_config(cfg.model)
+  params = transformer.init_params(mcfg, jax.random.PRNGKey(0))
+  out = {}
+  for mode in ("hard", "original_additive"):
+    sp = dataclasses.replace(spec, t2i_attention=mode)
+    loss, parts = jax.jit(lambda pr, b: stages.mixed_loss_fn(pr, b, jax.random.PRNGKey(3), None, model_cfg=mcfg,
+                                                             spec=sp))(params, batch)
+    out[mode] = {k: float(v) for k, v in parts.items()}
+    assert np.isfinite(float(loss))
+  assert out["hard"]["loss_lm"] == pytest.approx(out["original_additive"]["loss_lm"], rel=1e-4)  # +1 on every key: softmax-invariant
+  assert out["hard"]["loss_t2i"] != out["original_additive"]["loss_t2i"]
+
+
+def test_checkpoint_falls_back_past_a_damaged_step(tmp_path, caplog):
+  cfg = tiny.get_config("pretrain")
+  mcfg = model_config(cfg.model)
+  tx, _ = optim.make_optimizer(cfg.optimizer, state_lib.abstract_params(mcfg), 10)
+  mesh = make_mesh("fsdp=8")
+  abstract, shard = state_lib.state_shardings(mcfg, tx, mesh)
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "ck"), common.checkpoint_config(max_to_keep=5))
+  with jax.set_mesh(mesh):
+    state = state_lib.init_state(mcfg, tx, shard, 0)
+    ckpt.save(4, state.replace(step=jnp.int32(4)), {"step": 4}, {"step": 4})
+    ckpt.save(8, state.replace(step=jnp.int32(8)), {"step": 8}, {"step": 8})
+    ckpt.wait()
+    for sub in ("d", "ocdbt.process_0"):                      # drop the array data of step 8
+      shutil.rmtree(tmp_path / "ck" / "8" / "state" / sub)
+    step, restored, data, _ = ckpt.restore_latest(abstract)
+  ckpt.close()
+  assert step == 4 and data == {"step": 4}
+  assert "checkpoint step 8" in caplog.text
+  np.testing.assert_array_equal(np.asarray(restored.params["wte"]), np.asarray(state.params["wte"]))
+
+
+def test_init_from_original_checkpoint(tiny_mmada_dir):
+  from mmada_jax.checkpoint import hf_mmada
+  want, hf_cfg = hf_mmada.load_hf_checkpoint(str(tiny_mmada_dir))
+  cfg = tiny.get_config("pretrain")
+  mesh = make_mesh("fsdp=4,tensor=2")
+  arch = {k: getattr(hf_cfg, k) for k in checkpointing.ARCH_FIELDS}
+  mcfg = model_config(common.model_config(**arch))
+  abstract, _ = state_lib.state_shardings(mcfg, optim.make_optimizer(cfg.optimizer, state_lib.abstract_params(mcfg), 10)[0], mesh)
+  got = checkpointing.load_init_params(str(tiny_mmada_dir), mcfg, abstract.params, mesh)
+  assert got["lm_head"].sharding.spec == P("fsdp", "tensor")
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="d_model: checkpoint 32 vs config 64"):
+    checkpointing.load_init_params(str(tiny_mmada_dir), model_config(cfg.model), None, mesh)
+
+
+def test_grpo_variant_parses_and_unknown_stages_fail_clearly():
+  cfg = tiny.get_config("grpo")
+  assert cfg.stage.name == "unigrpo" and cfg.stage.module == "mmada_jax.rl.grpo" and cfg.rl.group_size == 4
+  cfg.stage.module = "mmada_jax.rl.no_such_module"
+  with pytest.raises(ValueError, match="stage 'unigrpo': cannot import its module 'mmada_jax.rl.no_such_module'"):
+    stages.get_stage(cfg, model_config(cfg.model))
+  cfg.stage.module = ""
+  cfg.stage.name = "no_such_stage"
+  with pytest.raises(ValueError, match="training stage 'no_such_stage' is not registered; registered stages: "):
+    stages.get_stage(cfg, model_config(cfg.model))
+
+
+def test_8b_stage_configs():
+  """The original's stage table, and the 8B state's shardings (abstract: nothing allocated)."""
+  from configs import mmada_8b
+  want = {"stage1_1": (387, (7, 2, 6), 2, 1e-4, 500_000, (1.0, 0.1, 1.0), ""),
+          "stage1_2": (515, (7, 2, 3), 2, 5e-5, 1_000_000, (1.0, 0.1, 0.5), "stage1_1"),
+          "stage1_3": (1539, (4, 1, 1), 4, 5e-5, 1_000_000, (1.0, 0.4, 0.5), "stage1_2"),
+          "stage2_1": (1539, (1, 2, 1), 4, 5e-5, 1_000_000, (1.0, 0.5, 0.5), "stage1_3"),
+          "stage2_2": (1539, (1, 2, 1), 4, 5e-5, 1_000_000, (0.05, 0.6, 0.4), "stage2_1/checkpoints/210000")}
+  for variant, (length, per_dev, acc, lr, steps, coeffs, prev) in want.items():
+    c = mmada_8b.get_config(f"{variant},root=/r,devices=64")
+    assert c.data.max_text_len + c.data.num_image_tokens + 3 == length
+    assert tuple(c.data[t].batch_size for t in ("t2i", "lm", "mmu")) == tuple(b * 64 * acc for b in per_dev)
+    assert (c.optimizer.grad_accum, c.optimizer.lr, c.optimizer.warmup_steps, c.steps) == (acc, lr, 5000, steps)
+    assert (c.stage.coeff_t2i, c.stage.coeff_lm, c.stage.coeff_mmu) == coeffs
+    assert c.optimizer.weight_decay == 0.01 and c.optimizer.weight_decay_mask == "all"
+    assert not c.optimizer.honour_min_lr_scale and c.optimizer.clip_grad_norm == 1.0
+    if prev:
+      assert c.init_from == f"/r/{prev}"
+  mcfg = model_config(mmada_8b.get_config("stage1_3").model)
+  assert abs(mcfg.num_params() - 8.08e9) < 0.01e9
+  assert (mcfg.param_dtype, mcfg.dtype) == ("float32", "bfloat16")
+  c = mmada_8b.get_config("stage1_3")
+  tx, _ = optim.make_optimizer(c.optimizer, state_lib.abstract_params(mcfg), c.steps)
+  abstract, shard = state_lib.state_shardings(mcfg, tx, make_mesh("fsdp=4,tensor=2"))
+  assert shard.params["wte"].spec == P("tensor", "fsdp")
+  assert abstract.params["blocks"]["ff_out"].shape == (32, 12288, 4096)
+
+
+def test_stage_hooks_pre_step_and_frozen_params(tmp_path):
+  """A stage defined outside the trainer (as UniGRPO will be) plugs in through the registry: its
+  host-side pre_step runs before every step with the live state, and its frozen params (a
+  reference policy) reach the loss without being trained."""
+  import dataclasses
+  from mmada_jax.train import trainer
+  calls = []
+
+  def factory(config, mcfg):
+    base = stages.STAGES["pretrain"](config, mcfg)
+
+    def pre_step(ctx, batch):
+      calls.append((ctx.step, int(ctx.state.step)))
+      return batch
+
+    def loss_fn(params, batch, rng, frozen):
+      loss, metrics = base.loss_fn(params, batch, rng, None)
+      drift = sum(jnp.sum(jnp.square(p - f)) for p, f in zip(jax.tree.leaves(params), jax.tree.leaves(frozen)))
+      return loss + 0.0 * drift, {**metrics, "drift": drift}
+
+    return dataclasses.replace(base, name="hooked", loss_fn=loss_fn, pre_step=pre_step,
+                               init_frozen=lambda params: jax.tree.map(jnp.copy, params))
+
+  stages.register_stage("hooked_test")(factory)
+  try:
+    cfg = tiny.get_config("pretrain")
+    cfg.stage.name = "hooked_test"
+    cfg.steps, cfg.checkpoint_every, cfg.progress_bar, cfg.tensorboard = 3, 0, False, False
+    assert trainer.run(cfg, str(tmp_path / "hooked")) == 0
+  finally:
+    del stages.STAGES["hooked_test"]
+  assert calls == [(0, 0), (1, 1), (2, 2)]
+  m = _metrics(tmp_path / "hooked")
+  # lr(0) = 0 (warm-up from 0), so the first update leaves the params unchanged.
+  assert m[1]["drift"] == m[2]["drift"] == 0.0 < m[3]["drift"]
