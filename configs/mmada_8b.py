@@ -29,6 +29,18 @@ rows, whose all-zero prompt mask makes the lm_chat formula equal the lm one) / 0
 CoT / LLaVA-665k / Clevr-CoGenT / Geo170K at 3.5 / 5.5 / 0.5 / 0.5.
 The cosine horizon is the original's max steps (``optimizer.schedule_steps``) even when
 ``--config.steps`` stops earlier.
+
+UniGRPO (stage 3, spec §8; reconstruction documented in docs/unigrpo.md), from stage2_2's workdir:
+
+| variant          | task | prompts (under DATA_ROOT)       | rewards                                   |
+|------------------|------|---------------------------------|-------------------------------------------|
+| stage3_grpo      | text | rl_math_prompts.jsonl (GSM8K…)  | correctness 2.0 + format 0.5              |
+| stage3_grpo_mmu  | mmu  | rl_mmu_prompts.jsonl (GeoQA…)   | MMU correctness 2.0 + format 0.5          |
+| stage3_grpo_t2i  | t2i  | rl_t2i_prompts.jsonl            | CLIP 0.1 + ImageReward 0.1 (user scorers) |
+
+G = 16 responses per prompt, μ = 5 inner updates, ε = 0.2, β = 0.04 (k3 KL to the frozen SFT
+reference), AdamW lr 1e-6 without weight decay or warm-up, grad-acc 4, 50k steps. The t2i variant
+needs ``--config.rl.rewards_factory=module:function`` returning the image–text scorers.
 """
 from __future__ import annotations
 
@@ -94,10 +106,52 @@ def _data(c, stage: str, data_root: str) -> None:
       lm.max_tokens = 1536
 
 
+GRPO_STAGES = {"stage3_grpo": "text", "stage3_grpo_mmu": "mmu", "stage3_grpo_t2i": "t2i"}
+
+
+def _grpo_config(args) -> "common.ml_collections.ConfigDict":
+  """UniGRPO from the Mix-CoT checkpoint (stage 2.2) on the 8B model, S=512, N=1024."""
+  task = GRPO_STAGES[args.variant]
+  c = common.base_config()
+  c.seed = 10086
+  c.steps = 50_000
+  c.log_every = 10
+  c.checkpoint_every = 1_000
+  c.mesh_shape = "fsdp=-1"
+  c.data_source = "records"
+  c.init_from = f"{args.root}/stage2_2"
+  c.model = common.model_config(num_vq_tokens=1024, remat_policy="full")
+  c.data.max_text_len, c.data.num_image_tokens = 512, 1024
+  c.data.text_tokenizer = f"{args.data_root}/tokenizer"
+  for flow in ("t2i", "lm", "mmu"):
+    c.data[flow].batch_size = 0
+  c.optimizer = common.optimizer_config(lr=1e-6, weight_decay=0.0, warmup_steps=0, grad_accum=4,
+                                        schedule_steps=50_000)
+  c.stage = common.stage_config(name="unigrpo", module="mmada_jax.rl.grpo", lm_format="lm_chat")
+  c.rl = common.rl_config()
+  c.rl.task = task
+  c.rl.group_size, c.rl.inner_updates = 16, 5
+  c.rl.prompts_per_step = int(args.devices) // 4
+  c.rl.prompt_file = f"{args.data_root}/rl_{task}_prompts.jsonl".replace("rl_text_", "rl_math_")
+  c.rl.text_tokenizer = c.data.text_tokenizer
+  c.rl.max_text_len = 512
+  if task == "t2i":
+    c.rl.image_tokenizer = f"{args.data_root}/magvitv2"
+  else:
+    c.rl.gen_length, c.rl.block_length, c.rl.gen_steps = 256, 64, 128
+    c.rl.cache, c.rl.threshold = "prefix", 0.95
+  c.checkpoint = common.checkpoint_config(max_to_keep=3, keep_period=10_000)
+  c.sampling = common.sampling_config(every=0)
+  return c
+
+
 def get_config(arg: str | None = None):
   args = common.parse_arg(arg, variant="stage1_1", root="runs/mmada_8b", data_root="data/mmada", devices=64)
+  if args.variant in GRPO_STAGES:
+    return _grpo_config(args)
   if args.variant not in STAGES:
-    raise ValueError(f"configs/mmada_8b.py: unknown stage {args.variant!r}; expected one of {sorted(STAGES)}")
+    raise ValueError(f"configs/mmada_8b.py: unknown stage {args.variant!r}; expected one of "
+                     f"{sorted(STAGES) + sorted(GRPO_STAGES)}")
   s, n, per_dev, acc, lr, max_steps, coeffs, lm_format = STAGES[args.variant]
   c = common.base_config()
   c.seed = 10086
