@@ -1,0 +1,99 @@
+"""The embedded demo's stages: a ~1M-parameter MMaDA on digits and arithmetic, CPU-sized.
+
+Built by ``python -m mmada_jax.demo`` after it has made the data (``mmada_jax.demo.data``); the
+argument names the stage and the built data's ``demo_data.json``:
+
+  python -m mmada_jax.train --config=configs/demo.py:pretrain,data=RUN/data/demo_data.json --workdir=RUN/pretrain
+  python -m mmada_jax.train --config=configs/demo.py:sft,data=...  --workdir=RUN/sft --config.init_from=RUN/pretrain
+  python -m mmada_jax.train --config=configs/demo.py:grpo_text,data=... --workdir=RUN/grpo_text --config.init_from=RUN/sft
+
+Variants: ``pretrain`` (t2i + lm + mmu, lm pre-training formula), ``sft`` (mixed CoT: lm_chat
+arithmetic with <think> answers, mmu plain + CoT), ``grpo_text`` / ``grpo_mmu`` / ``grpo_t2i``
+(UniGRPO on arithmetic with correctness + format rewards, on digit questions with MMU
+correctness, and on digit captions with the demo's digit classifier as the image-text scorer).
+``steps=N`` overrides the variant's default step count (the demo's presets use it).
+"""
+from __future__ import annotations
+
+import json
+
+try:
+  from configs import common
+except ImportError:  # run from outside the repository root
+  import os
+  import sys
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import common
+
+import ml_collections
+
+VARIANTS = ("pretrain", "sft", "grpo_text", "grpo_mmu", "grpo_t2i")
+# variant: (steps, lr, warm-up, batch sizes t2i/lm/mmu, coefficients t2i/lm/mmu)
+MIXED = {"pretrain": (600, 3e-3, 50, (32, 32, 32), (1.0, 0.5, 1.0)),
+         "sft": (300, 1e-3, 20, (16, 32, 32), (1.0, 1.0, 0.5))}
+GRPO_STEPS = {"grpo_text": 40, "grpo_mmu": 20, "grpo_t2i": 20}
+
+
+def get_config(arg: str | None = None):
+  args = common.parse_arg(arg, variant="pretrain", data="", steps=0, seed=0)
+  if args.variant not in VARIANTS:
+    raise ValueError(f"configs/demo.py: unknown variant {args.variant!r}; expected one of {VARIANTS}")
+  if not args.data:
+    raise ValueError("configs/demo.py needs data=PATH/demo_data.json (made by python -m mmada_jax.demo)")
+  with open(args.data) as f:
+    built = json.load(f)
+  from mmada_jax.demo.data import data_config
+  model = dict(built["model"])
+  s, n = int(model.pop("max_text_len")), int(model.pop("num_image_tokens"))
+  paths = built["paths"]
+
+  c = common.base_config()
+  c.seed = int(args.seed)
+  c.log_every = 10
+  c.mesh_shape = "fsdp=-1"
+  c.data_source = "records"
+  c.tensorboard = True
+  c.model = common.model_config(**model)
+  c.checkpoint = common.checkpoint_config(max_to_keep=2, async_save=True)
+  c.demo = ml_collections.ConfigDict(dict(classifier=paths["classifier"], image_tokenizer=paths["image_tokenizer"],
+                                          max_text_len=s))
+  c.sampling = common.sampling_config(
+      every=0, text_prompts=["What is 3 + 4?"], t2i_prompts=[f"a handwritten digit {d}" for d in range(4)],
+      gen_length=16, block_length=16, text_steps=16, t2i_timesteps=8, guidance_scale=2.0,
+      image_tokenizer=paths["image_tokenizer"])
+
+  if args.variant in MIXED:
+    steps, lr, warmup, batches, coeffs = MIXED[args.variant]
+    c.steps = int(args.steps) or steps
+    c.checkpoint_every = c.steps
+    c.sampling.every = c.steps
+    c.data = data_config(built, stage=args.variant, batch_sizes=batches, seed=int(args.seed))
+    c.optimizer = common.optimizer_config(lr=lr, warmup_steps=min(warmup, c.steps // 2), weight_decay=0.01,
+                                          weight_decay_mask="matrices", grad_accum=1)
+    c.stage = common.stage_config(name=args.variant, coeff_t2i=coeffs[0], coeff_lm=coeffs[1], coeff_mmu=coeffs[2],
+                                  lm_format="lm" if args.variant == "pretrain" else "lm_chat")
+    return c
+
+  task = args.variant.split("_")[1]
+  c.steps = int(args.steps) or GRPO_STEPS[args.variant]
+  c.checkpoint_every = c.steps
+  c.data = data_config(built, stage="sft", batch_sizes=(0, 0, 0), seed=int(args.seed))
+  c.optimizer = common.optimizer_config(lr=2e-4, weight_decay=0.0, warmup_steps=0, grad_accum=1)
+  c.stage = common.stage_config(name="unigrpo", module="mmada_jax.rl.grpo", lm_format="lm_chat")
+  c.rl = common.rl_config()
+  c.rl.task = task
+  c.rl.prompt_source = "jsonl"
+  c.rl.prompt_file = paths[f"grpo_{task}"]
+  c.rl.text_tokenizer = paths["text_tokenizer"]
+  c.rl.thinking_prompt = bool(built.get("config", {}).get("thinking_prompt", False))
+  c.rl.group_size, c.rl.prompts_per_step, c.rl.inner_updates = 8, 8, 2
+  c.rl.kl_beta = 0.01
+  c.rl.max_text_len = s
+  if task == "t2i":
+    c.rl.image_tokenizer = paths["image_tokenizer"]
+    c.rl.rewards_factory = "mmada_jax.demo.rewards:t2i_rewards"
+    c.rl.t2i_timesteps, c.rl.guidance_scale = 8, 2.0
+  else:
+    c.rl.gen_length, c.rl.block_length, c.rl.gen_steps = (16, 16, 16) if task == "text" else (4, 4, 4)
+    c.rl.temperature = 1.0
+  return c

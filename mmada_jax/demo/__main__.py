@@ -1,0 +1,187 @@
+"""The embedded default: MMaDA-mini trained end to end offline, then evaluated.
+
+  python -m mmada_jax.demo --workdir runs/demo [--seed 0] [--preset full|smoke]
+
+1. data: handwritten digits bundled with scikit-learn (upscaled), captions, synthetic arithmetic
+   with chain-of-thought answers; a text tokenizer trained locally, a tiny MAGVIT-v2 trained on the
+   digits (images become token sequences), a digit classifier (``mmada_jax.demo.data``);
+2. the stages, each a config of ``configs/demo.py`` run by the one trainer: pretraining (t2i + lm
+   + mmu), mixed-CoT SFT, UniGRPO on arithmetic (correctness + format), on image understanding
+   (MMU correctness) and on text-to-image (the digit classifier as the image-text scorer);
+3. evaluation and artefacts in WORKDIR: ``model/`` (Orbax), ``text_tokenizer/``,
+   ``image_tokenizer/``, each stage's folder (checkpoints, TensorBoard, metrics.jsonl),
+   ``samples.png`` (a generated digit grid per prompt with one image's denoising steps beside it),
+   ``samples.npz`` (images uint8 [n, R, R, 3], labels int [n]) and ``summary.json``.
+Re-running the same command resumes: finished data and stages are reused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+PRESETS = {
+    # stage -> steps; eval sizes.
+    "full": {"pretrain": 0, "sft": 0, "grpo_text": 0, "grpo_mmu": 0, "grpo_t2i": 0, "t2i_eval_per_digit": 12,
+             "mmu_eval": 359, "text_eval": 0},
+    "smoke": {"pretrain": 6, "sft": 4, "grpo_text": 2, "grpo_mmu": 2, "grpo_t2i": 2, "t2i_eval_per_digit": 1,
+              "mmu_eval": 16, "text_eval": 16},
+}
+STAGES = ("pretrain", "sft", "grpo_text", "grpo_mmu", "grpo_t2i")
+CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                           "configs", "demo.py")
+
+
+def _log(msg: str) -> None:
+  print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _stage_config(stage: str, data_json: str, steps: int, seed: int):
+  from ml_collections import config_flags  # noqa: F401  (same loader as the trainer's flag)
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("mmada_demo_config", CONFIG_FILE)
+  if spec is None or not os.path.isfile(CONFIG_FILE):
+    raise FileNotFoundError(f"the demo's stage configs are missing: {CONFIG_FILE}")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  arg = f"{stage},data={data_json},seed={seed}" + (f",steps={steps}" if steps else "")
+  return module.get_config(arg)
+
+
+def _load_params(stage_dir: str, model_cfg):
+  import jax
+  from mmada_jax.train import checkpointing
+  from mmada_jax.train.state import abstract_params
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), abstract_params(model_cfg))
+  return checkpointing.load_init_params(stage_dir, model_cfg, abstract, None)
+
+
+def _evaluate_text(model, tok, records, gen_length: int = 16):
+  from mmada_jax.demo import evaluate
+  out = model.generate_text([r["question"] for r in records], tokenizer=tok, gen_length=gen_length,
+                            block_length=gen_length, steps=gen_length)
+  return evaluate.arithmetic_scores(out.texts, [r["answer"] for r in records]), out.texts
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m mmada_jax.demo", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--preset", choices=sorted(PRESETS), default="full")
+  args = p.parse_args(argv)
+  preset = PRESETS[args.preset]
+  t_start = time.time()
+  workdir = os.path.abspath(args.workdir)
+  os.makedirs(workdir, exist_ok=True)
+
+  import numpy as np
+  from mmada_jax import ImageTokenizer, MMaDA
+  from mmada_jax.demo import data as demo_data, evaluate
+  from mmada_jax.demo.classifier import DigitClassifier
+  from mmada_jax.demo.samples import save_samples_png
+  from mmada_jax.prompting import SpecialTokens, TextTokenizer, builders
+  from mmada_jax.train.trainer import model_config, run
+
+  timings: dict[str, float] = {}
+  _log(f"1/4 building the data, tokenizers and classifier in {workdir}/data")
+  t0 = time.time()
+  data_cfg = demo_data.DemoDataConfig(t2i_eval_per_digit=preset["t2i_eval_per_digit"])
+  if args.preset == "smoke":      # a quick end-to-end run for tests: tiny data, a few MAGVIT steps
+    import dataclasses
+    from mmada_jax.demo.tokenizers import MagvitTrainConfig
+    data_cfg = dataclasses.replace(data_cfg, magvit=MagvitTrainConfig(steps=5, batch_size=32, lr=3e-3),
+                                   lm_rows=64, mmu_augment_copies=0, grpo_mmu_images=16, classifier_kind="logreg")
+  built = demo_data.build_demo_data(os.path.join(workdir, "data"), seed=args.seed, config=data_cfg, log=_log)
+  timings["data"] = time.time() - t0
+  data_json = os.path.join(workdir, "data", demo_data.RESULT_NAME)
+  paths = built["paths"]
+  tok = TextTokenizer.from_file(paths["text_tokenizer"])
+  itok = ImageTokenizer.from_pretrained(paths["image_tokenizer"])
+  clf = DigitClassifier.load(paths["classifier"])
+  sp = SpecialTokens.from_tokenizer(tok)
+
+  results: dict[str, object] = {}
+  prev = ""
+  model_cfg = None
+  for i, stage in enumerate(STAGES):
+    cfg = _stage_config(stage, data_json, preset[stage], args.seed)
+    if prev:
+      cfg.init_from = os.path.join(workdir, prev)
+    model_cfg = model_config(cfg.model)
+    _log(f"2/4 stage {i + 1}/{len(STAGES)}: {stage} ({cfg.steps} steps) -> {workdir}/{stage}")
+    t0 = time.time()
+    code = run(cfg, os.path.join(workdir, stage))
+    timings[stage] = time.time() - t0
+    if code != 0:
+      _log(f"stage {stage} failed with exit code {code}; see {workdir}/{stage}/status.json")
+      return code
+    prev = stage
+    if stage == "sft":
+      sft = MMaDA(_load_params(os.path.join(workdir, "sft"), model_cfg), model_cfg)
+      records = demo_data.read_jsonl(paths["eval_arith"])
+      if preset["text_eval"]:
+        records = records[:preset["text_eval"]]
+      t0 = time.time()
+      results["text_before"], _ = _evaluate_text(sft, tok, records)
+      timings["eval_text_before"] = time.time() - t0
+      _log(f"   arithmetic accuracy after SFT (before GRPO): {results['text_before']['accuracy']:.3f}")
+
+  _log("3/4 evaluating the final model")
+  t0 = time.time()
+  s = int(built["model"]["max_text_len"])
+  final = MMaDA(_load_params(os.path.join(workdir, prev), model_cfg), model_cfg,
+                hf_config={"max_text_len": s})
+  text_after, text_samples = _evaluate_text(final, tok, records)
+  # text-to-image: the evaluation prompts (>= 100 for the full preset), classified.
+  ev_t2i = demo_data.read_jsonl(paths["eval_t2i"])
+  prompts, labels = [e["prompt"] for e in ev_t2i], np.array([int(e["label"]) for e in ev_t2i])
+  gen = final.generate_images(prompts, image_tokenizer=itok, tokenizer=tok, guidance_scale=2.0, steps=8,
+                              max_text_len=s, seed=args.seed, return_trajectory=True)
+  t2i = evaluate.t2i_scores(clf, gen.images, labels)
+  # image understanding on the held-out test digits.
+  ev_mmu = demo_data.read_jsonl(paths["eval_mmu"])[:preset["mmu_eval"]]
+  chats = [tok.apply_chat_template([{"role": "user", "content": e["question"]}]) for e in ev_mmu]
+  batch = builders.mmu_gen_prompt(sp.image_token_ids(np.array([e["image_codes"] for e in ev_mmu])), chats, specials=sp)
+  ans = final.generate_from_ids(batch.input_ids, attention_mask=batch.attention_mask, gen_length=4,
+                                block_length=4, steps=4)
+  mmu = evaluate.mmu_scores(final._decode(tok, ans.tokens, sp), [e["answer"] for e in ev_mmu])
+  timings["evaluation"] = time.time() - t0
+
+  _log("4/4 writing artefacts")
+  final.save_pretrained(os.path.join(workdir, "model"), overwrite=True)
+  for name, src in (("text_tokenizer", paths["text_tokenizer"]), ("image_tokenizer", paths["image_tokenizer"])):
+    dst = os.path.join(workdir, name)
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+  np.savez(os.path.join(workdir, "samples.npz"), images=gen.images, labels=labels, codes=gen.codes)
+  save_samples_png(os.path.join(workdir, "samples.png"), gen.images, labels, gen.trajectory, gen.codes,
+                            itok, index=int(np.argmax(labels == 3)) if (labels == 3).any() else 0)
+  wall = time.time() - t_start
+  summary = {
+      "t2i": {"classifier_accuracy": t2i["accuracy"], "mean_label_prob": t2i.get("mean_label_prob"),
+              "n_images": int(len(labels))},
+      "mmu": {"accuracy": mmu["accuracy"], "n": len(ev_mmu)},
+      "text": {"accuracy_before_grpo": results["text_before"]["accuracy"],
+               "accuracy_after_grpo": text_after["accuracy"], "n": len(records),
+               "samples": text_samples[:5]},
+      "data": built.get("stats", {}),
+      "model": {"params": final.num_params, **{k: v for k, v in built["model"].items()}},
+      "preset": args.preset, "seed": args.seed,
+      "timings_s": {k: round(v, 1) for k, v in timings.items()},
+      "wall_time_s": round(wall, 1),
+  }
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2, default=str)
+  _log(f"done in {wall / 60:.1f} min: t2i classifier accuracy {t2i['accuracy']:.3f}, MMU accuracy "
+       f"{mmu['accuracy']:.3f}, arithmetic {results['text_before']['accuracy']:.3f} -> {text_after['accuracy']:.3f} "
+       f"(GRPO); see {workdir}/summary.json and samples.png")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

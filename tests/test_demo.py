@@ -1,0 +1,59 @@
+"""The embedded demo end to end (smoke preset: every stage, a few steps) and the Colab notebook on it."""
+import json
+import os
+
+import nbformat
+import numpy as np
+import pytest
+from nbclient import NotebookClient
+
+from mmada_jax.demo.__main__ import main as demo_main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("demo")
+  assert demo_main(["--workdir", str(workdir), "--preset", "smoke"]) == 0
+  return workdir
+
+
+def test_demo_artefacts(demo_run):
+  for name in ("model/mmada_jax.json", "text_tokenizer/tokenizer.json", "image_tokenizer/config.json",
+               "samples.png", "samples.npz", "summary.json", "pretrain/metrics.jsonl", "sft/metrics.jsonl"):
+    assert (demo_run / name).exists(), name
+  grpo = sorted(p.name for p in demo_run.iterdir() if p.name.startswith("grpo") and (p / "metrics.jsonl").exists())
+  assert grpo == ["grpo_mmu", "grpo_t2i", "grpo_text"]
+  row = json.loads((demo_run / "grpo_text" / "metrics.jsonl").read_text().splitlines()[-1])
+  for key in ("reward_mean", "reward_std", "kl", "clip_frac", "response_length", "entropy"):
+    assert key in row, key
+  row = json.loads((demo_run / "pretrain" / "metrics.jsonl").read_text().splitlines()[-1])
+  for key in ("step", "loss", "loss_t2i", "loss_lm", "loss_mmu", "lr"):
+    assert key in row, key
+  summary = json.loads((demo_run / "summary.json").read_text())
+  for path in (("t2i", "classifier_accuracy"), ("mmu", "accuracy"), ("text", "accuracy_before_grpo"),
+               ("text", "accuracy_after_grpo"), ("wall_time_s",)):
+    node = summary
+    for k in path:
+      node = node[k]
+    assert isinstance(node, (int, float)), path
+  samples = np.load(demo_run / "samples.npz")
+  assert samples["images"].dtype == np.uint8 and samples["images"].ndim == 4
+  assert samples["labels"].shape == (samples["images"].shape[0],)
+  assert sorted(set(samples["labels"].tolist())) == list(range(10))
+  assert list((demo_run / "pretrain" / "tensorboard").glob("events.*")), "TensorBoard event files"
+
+
+def test_rerun_resumes_without_retraining(demo_run):
+  before = (demo_run / "pretrain" / "metrics.jsonl").read_text()
+  assert demo_main(["--workdir", str(demo_run), "--preset", "smoke"]) == 0
+  assert (demo_run / "pretrain" / "metrics.jsonl").read_text() == before
+
+
+def test_notebook_runs_on_the_demo(demo_run, monkeypatch):
+  monkeypatch.setenv("MMADA_RUN_DIR", str(demo_run))
+  nb = nbformat.read(os.path.join(REPO, "notebooks", "mmada_colab.ipynb"), as_version=4)
+  NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": REPO}}).execute()
+  outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+  assert "total parameters" in outputs
