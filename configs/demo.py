@@ -31,7 +31,8 @@ VARIANTS = ("pretrain", "sft", "grpo_text", "grpo_mmu", "grpo_t2i")
 # variant: (steps, lr, warm-up, batch sizes t2i/lm/mmu, coefficients t2i/lm/mmu)
 MIXED = {"pretrain": (600, 3e-3, 50, (32, 32, 32), (1.0, 0.5, 1.0)),
          "sft": (300, 1e-3, 20, (16, 32, 32), (1.0, 1.0, 0.5))}
-GRPO_STEPS = {"grpo_text": 40, "grpo_mmu": 20, "grpo_t2i": 20}
+GRPO_STEPS = {"grpo_text": 60, "grpo_mmu": 20, "grpo_t2i": 20}
+GRPO_LR = {"grpo_text": 2e-5, "grpo_mmu": 1e-4, "grpo_t2i": 1e-4}
 
 
 def get_config(arg: str | None = None):
@@ -78,7 +79,7 @@ def get_config(arg: str | None = None):
   c.steps = int(args.steps) or GRPO_STEPS[args.variant]
   c.checkpoint_every = c.steps
   c.data = data_config(built, stage="sft", batch_sizes=(0, 0, 0), seed=int(args.seed))
-  c.optimizer = common.optimizer_config(lr=2e-4, weight_decay=0.0, warmup_steps=0, grad_accum=1)
+  c.optimizer = common.optimizer_config(lr=GRPO_LR[args.variant], weight_decay=0.0, warmup_steps=0, grad_accum=1)
   c.stage = common.stage_config(name="unigrpo", module="mmada_jax.rl.grpo", lm_format="lm_chat")
   c.rl = common.rl_config()
   c.rl.task = task
@@ -87,7 +88,7 @@ def get_config(arg: str | None = None):
   c.rl.text_tokenizer = paths["text_tokenizer"]
   c.rl.thinking_prompt = bool(built.get("config", {}).get("thinking_prompt", False))
   c.rl.group_size, c.rl.prompts_per_step, c.rl.inner_updates = 8, 8, 2
-  c.rl.kl_beta = 0.01
+  c.rl.kl_beta = 0.04
   c.rl.max_text_len = s
   if task == "t2i":
     c.rl.image_tokenizer = paths["image_tokenizer"]
@@ -95,5 +96,5 @@ def get_config(arg: str | None = None):
     c.rl.t2i_timesteps, c.rl.guidance_scale = 8, 2.0
   else:
     c.rl.gen_length, c.rl.block_length, c.rl.gen_steps = (16, 16, 16) if task == "text" else (4, 4, 4)
-    c.rl.temperature = 1.0
+    c.rl.temperature = 0.7
   return c

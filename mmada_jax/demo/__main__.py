@@ -30,7 +30,8 @@ PRESETS = {
     "smoke": {"pretrain": 6, "sft": 4, "grpo_text": 2, "grpo_mmu": 2, "grpo_t2i": 2, "t2i_eval_per_digit": 1,
               "mmu_eval": 16, "text_eval": 16},
 }
-STAGES = ("pretrain", "sft", "grpo_text", "grpo_mmu", "grpo_t2i")
+# UniGRPO on text runs last, so the final model is the one whose arithmetic is measured "after GRPO".
+STAGES = ("pretrain", "sft", "grpo_mmu", "grpo_t2i", "grpo_text")
 CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                            "configs", "demo.py")
 
