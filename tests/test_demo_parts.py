@@ -38,12 +38,26 @@ def test_digit_splits_shapes_and_determinism(splits):
   assert not np.array_equal(other.index, train.index)
 
 
+def test_jitter_is_seeded_and_keeps_digits_recognisable(splits):
+  train, _ = splits
+  x = train.images[:50]
+  aug, src = digits.jitter(x, copies=2, seed=4)
+  assert aug.shape == (100, 16, 16, 3) and aug.dtype == np.uint8
+  assert np.array_equal(src, np.tile(np.arange(50), 2))
+  again, _ = digits.jitter(x, copies=2, seed=4)
+  assert np.array_equal(aug, again) and not np.array_equal(aug, digits.jitter(x, copies=2, seed=5)[0])
+  assert not np.array_equal(aug[:50], x) and np.array_equal(aug[..., 0], aug[..., 1])
+  clf = train_classifier(train.images, train.labels, kind="logreg")
+  assert clf.accuracy(aug, train.labels[:50][src]) >= 0.8
+
+
 def test_captions_and_mmu_answers_match_labels():
   for d in range(10):
     for t in range(len(digits.CAPTION_TEMPLATES)):
       assert digits.label_of_caption(digits.caption(d, t)) == d
     for cot in (False, True):
       msgs = digits.mmu_messages(d, 1, cot)
+      assert msgs[0]["content"] == digits.MMU_QUESTIONS[1] + digits.MMU_COT_SUFFIX * cot
       assert msgs[0]["role"] == "user" and msgs[1]["role"] == "assistant"
       assert rewards.mmu_answer_correct(msgs[1]["content"], str(d))
       assert not rewards.mmu_answer_correct(msgs[1]["content"], str((d + 1) % 10))
@@ -143,7 +157,7 @@ def test_classifier_accuracy_on_real_digits(splits, tmp_path):
 # ---------------------------------------------------------------- build_demo_data
 
 SMALL = DemoDataConfig(magvit=demo_tok.MagvitTrainConfig(steps=6, batch_size=16, warmup_steps=2),
-                       codebook_bits=6, lm_rows=40, t2i_eval_per_digit=10, grpo_mmu_images=20,
+                       codebook_bits=6, lm_rows=40, t2i_eval_per_digit=10, grpo_mmu_images=20, mmu_augment_copies=1,
                        classifier_kind="logreg", shard_size=300)
 
 
@@ -168,9 +182,17 @@ def test_build_demo_data_formats_and_determinism(tmp_path):
     rec = t2i[i]
     assert rec["codes"].shape == (16,) and rec["codes"].max() < 64
     assert digits.label_of_caption(rec["text"]) == rec["label"]
-  mmu = open_source(p["mmu_cot_train"])[3]
-  assert rewards.mmu_answer_correct(mmu["messages"][1]["content"], str(mmu["label"]))
-  assert len(read_jsonl(p["eval_t2i"])) == 100 and len(read_jsonl(p["eval_arith"])) == 155
+  mmu, cot = open_source(p["mmu_train"]), open_source(p["mmu_cot_train"])
+  assert len(mmu) == len(cot) > len(t2i)
+  for i in (3, len(mmu) - 1):
+    for rec, is_cot in ((mmu[i], False), (cot[i], True)):
+      q, ans = rec["messages"][0]["content"], rec["messages"][1]["content"]
+      assert rewards.mmu_answer_correct(ans, str(rec["label"])) and rewards.format_ok(ans) == is_cot
+      assert q.endswith(digits.MMU_COT_SUFFIX) == is_cot
+    assert np.array_equal(mmu[i]["codes"], cot[i]["codes"])
+  n_problems = len(arithmetic.all_problems(SMALL.max_operand))
+  assert len(read_jsonl(p["eval_t2i"])) == 100 and len(read_jsonl(p["eval_arith"])) == n_problems
+  assert a["stats"]["counts"]["mmu_rows"] == (1 + SMALL.mmu_augment_copies) * len(t2i)
   ev = read_jsonl(p["eval_mmu"])
   test = np.load(p["test_images"])
   assert len(ev) == len(test["labels"]) and ev[0]["image_codes"] == test["codes"][0].tolist()
@@ -180,9 +202,9 @@ def test_build_demo_data_formats_and_determinism(tmp_path):
     assert arithmetic.is_correct(ans, eval(q[len("What is "):-1]))  # noqa: S307
 
   for stage in ("pretrain", "sft"):
-    batch = next(make_mixed_iterator(data_config(a, stage, (2, 2, 2)), tok))
+    batch = next(make_mixed_iterator(data_config(a, stage, (2, 2, 4)), tok))
     seq = m["max_text_len"] + 16 + 3
-    assert {k: v["input_ids"].shape for k, v in batch.items()} == {"t2i": (2, seq), "lm": (2, seq), "mmu": (2, seq)}
+    assert {k: v["input_ids"].shape for k, v in batch.items()} == {"t2i": (2, seq), "lm": (2, seq), "mmu": (4, seq)}
 
   b = build_demo_data(str(tmp_path / "b"), seed=5, config=SMALL, log=None)
   for name in ("lm_text", "sft_chat", "grpo_text", "grpo_mmu", "grpo_t2i", "eval_mmu", "eval_t2i", "eval_arith"):

@@ -8,8 +8,9 @@ answers). Its CoT response is ``<think> … </think> answer``, the layout that
 * otherwise tens and ones separately, e.g. ``<think> 20 + 10 = 30 , 3 + 9 = 12 , 30 + 12 = 42 </think> 42``
   and ``<think> 42 - 10 = 32 , 32 - 9 = 23 </think> 23``.
 
-The default space (single digits, + and −) has 155 distinct problems: a tiny diffusion LM learns
-most of them in minutes of CPU training but not all at once, which leaves room for GRPO.
+``all_problems(9)`` (single digits, + and −) has 155 problems and ``all_problems(5)`` 57. A ~1M-parameter
+diffusion LM does not learn even the small space fully in minutes of CPU training (it must copy the
+operands into the reasoning and recall each sum), which leaves room for GRPO.
 """
 from __future__ import annotations
 

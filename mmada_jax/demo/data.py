@@ -22,8 +22,7 @@ Layout under ``WORKDIR`` (formats of :mod:`mmada_jax.data` unless noted)::
 Train and test images never mix: the MAGVIT, the classifier and the t2i/mmu training data use the
 train split only; ``eval_mmu`` and ``test_images`` hold the test split. The MAGVIT and the MMU data
 (by default; t2i optionally) also use randomly jittered copies of the train images
-(:func:`mmada_jax.demo.digits.jitter`): without them a small MMaDA memorises the ~1.4k train
-images and answers MMU questions about unseen test digits far less well.
+(:func:`mmada_jax.demo.digits.jitter`), more variety for answering about unseen test digits.
 """
 from __future__ import annotations
 
@@ -56,7 +55,7 @@ class DemoDataConfig:
   test_fraction: float = 0.2
   text_vocab_size: int = 512
   magvit: MagvitTrainConfig = MagvitTrainConfig(steps=300, batch_size=64, lr=3e-3)
-  max_operand: int = 9
+  max_operand: int = 5
   ops: tuple[str, ...] = arithmetic.OPS
   lm_rows: int = 2000
   facts_per_row: int = 3
@@ -143,7 +142,8 @@ def number_word_texts(rows: int, seed: int) -> list[str]:
 def tokenizer_corpus(problems: Sequence[arithmetic.Problem], thinking_prompt: bool) -> list[str]:
   """Every kind of text the demo tokenises (captions, MMU turns, arithmetic, chat-template words)."""
   texts = [digits.caption(d, t) for d in range(10) for t in range(len(digits.CAPTION_TEMPLATES))]
-  texts += list(digits.MMU_QUESTIONS) + [digits.mmu_answer(d, cot) for d in range(10) for cot in (False, True)]
+  texts += [digits.mmu_question(q, cot) for q in range(len(digits.MMU_QUESTIONS)) for cot in (False, True)]
+  texts += [digits.mmu_answer(d, cot) for d in range(10) for cot in (False, True)]
   texts += [p.question for p in problems] + [p.cot() for p in problems] + [p.statement for p in problems]
   texts += number_word_texts(50, 0)
   texts += ["user\nassistant\nsystem\n"] * 20
@@ -195,12 +195,13 @@ def demo_model_config(tokenizer, codebook_size: int = 256, num_image_tokens: int
 
 
 def data_config(result: dict[str, Any], stage: str = "pretrain", batch_sizes: Sequence[int] = (16, 16, 16),
-                seed: int | None = None):
+                seed: int | None = None, mmu_cot_weight: float = 1.0):
   """The ``config.data`` section reading the built data with the grain pipeline.
 
   ``stage``: ``pretrain`` (t2i captions, lm plain text, mmu plain answers) or ``sft`` (mixed CoT:
-  t2i captions, lm_chat arithmetic CoT, mmu plain and CoT answers mixed 1:1). ``batch_sizes`` are
-  the global rows per step of (t2i, lm, mmu); 0 turns a flow off.
+  t2i captions, lm_chat arithmetic CoT, mmu plain answers mixed with CoT answers to the
+  " Think first." questions at ``mmu_cot_weight`` : 1; 0 = plain only). ``batch_sizes`` are the
+  global rows per step of (t2i, lm, mmu); 0 turns a flow off.
   """
   from mmada_jax.data.config import default_data_config
   if stage not in ("pretrain", "sft"):
@@ -216,12 +217,14 @@ def data_config(result: dict[str, Any], stage: str = "pretrain", batch_sizes: Se
   c.prefetch_buffer_size = 4
   c.t2i.batch_size, c.lm.batch_size, c.mmu.batch_size = (int(b) for b in batch_sizes)
   c.t2i.path = p["t2i_train"]
+  c.mmu.path = p["mmu_train"]
   if stage == "pretrain":
     c.lm.path, c.lm.kind = p["lm_text"], "lm"
-    c.mmu.path = p["mmu_train"]
   else:
     c.lm.path, c.lm.kind = p["sft_chat"], "lm_chat"
-    c.mmu.sources = [{"path": p["mmu_train"], "weight": 1.0}, {"path": p["mmu_cot_train"], "weight": 1.0}]
+    if mmu_cot_weight > 0:
+      c.mmu.sources = [{"path": p["mmu_train"], "weight": 1.0},
+                       {"path": p["mmu_cot_train"], "weight": float(mmu_cot_weight)}]
   return c
 
 
@@ -381,10 +384,7 @@ def build_demo_data(workdir: str, seed: int = 0, config: DemoDataConfig = DemoDa
   timings["write_data"] = time.perf_counter() - t
 
   lengths = _text_lengths(tok, problems, config.thinking_prompt, lm_rows)
-  s = max(lengths["t2i_core"] - 1, lengths["mmu_text"])
-  s = int(math.ceil(s / 8) * 8)
-  if s + n_img + 3 < max(lengths["lm_chat"], lengths["lm_text"]):
-    s = int(math.ceil((max(lengths["lm_chat"], lengths["lm_text"]) - n_img - 3) / 8) * 8)
+  s = max(lengths["t2i_core"] - 1, lengths["mmu_text"], max(lengths["lm_chat"], lengths["lm_text"]) - n_img - 3)
   model = demo_model_config(tok, cb, n_img, s)
   timings["total"] = time.perf_counter() - t_start
   stats = {"timings_s": timings, "magvit": magvit_stats, "magvit_losses": mstats["losses"], "classifier": clf_stats,

@@ -3,6 +3,7 @@
 ``load_digits()`` ships inside scikit-learn (1797 grey images, values 0..16, ink high), so nothing
 is downloaded. Images are upscaled bicubically to ``resolution``² (ink bright on black) and
 replicated to 3 channels. The train/test split is a seeded, label-stratified permutation.
+Also here: captions (``caption``), seeded affine jitter (``jitter``) and MMU turns (``mmu_messages``).
 """
 from __future__ import annotations
 
@@ -139,16 +140,24 @@ def label_of_caption(text: str) -> int | None:
 
 MMU_QUESTIONS = ("What digit is shown?", "Which number is in the image?", "What number is written here?")
 """Image-understanding questions; the first one is the evaluation question."""
+MMU_COT_SUFFIX = " Think first."
+"""Appended to the question of CoT turns: plain and CoT answers to one prompt would compete for the
+first answer token, which a small model resolves badly (MMU accuracy falls during SFT)."""
 
 
 def mmu_answer(label: int, cot: bool = False) -> str:
   """The answer to an MMU question about digit ``label``: ``"3"``, or with ``cot``
-  ``"<think> the image shows a handwritten three </think> 3"``."""
+  ``"<think> a handwritten three </think> 3"``."""
   d = int(label)
-  return f"<think> the image shows a handwritten {DIGIT_WORDS[d]} </think> {d}" if cot else str(d)
+  return f"<think> a handwritten {DIGIT_WORDS[d]} </think> {d}" if cot else str(d)
+
+
+def mmu_question(question: int = 0, cot: bool = False) -> str:
+  """Question number ``question`` (modulo the count), with :data:`MMU_COT_SUFFIX` when ``cot``."""
+  return MMU_QUESTIONS[int(question) % len(MMU_QUESTIONS)] + (MMU_COT_SUFFIX if cot else "")
 
 
 def mmu_messages(label: int, question: int = 0, cot: bool = False) -> list[dict[str, str]]:
-  """One MMU conversation (question number ``question`` modulo the count) about digit ``label``."""
-  q = MMU_QUESTIONS[int(question) % len(MMU_QUESTIONS)]
-  return [{"role": "user", "content": q}, {"role": "assistant", "content": mmu_answer(label, cot)}]
+  """One MMU conversation about digit ``label``: :func:`mmu_question` -> :func:`mmu_answer`."""
+  return [{"role": "user", "content": mmu_question(question, cot)},
+          {"role": "assistant", "content": mmu_answer(label, cot)}]
