@@ -191,7 +191,7 @@ class PretokenizedTokenizer(TextTokenizer):
     return self._names.get(token)
 
   def save(self, directory):
-    raise NotImplementedError("a pass-through tokenizer has no tokenizer.json to save")
+    raise TypeError("a pass-through tokenizer has no tokenizer.json to save")
 
   def encode(self, text, add_special_tokens: bool = True) -> list[int]:
     """Ids (sequence of ints) or their string form -> list of ids; adds nothing."""
