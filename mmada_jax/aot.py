@@ -597,11 +597,15 @@ def main(argv: list[str] | None = None) -> int:
     if f["config"].value is None or not f["topology"].value:
       raise app.UsageError("--config and --topology are required, e.g. --config=configs/mmada_8b.py:stage1_3 "
                            "--topology=v5p-128")
-    topo = parse_topology(f["topology"].value)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True))
-    r = estimate(f["config"].value, topo, logits_chunk=f["logits_chunk"].value,
-                 grpo_prompt_len=f["grpo_prompt_len"].value, twins=f["twins"].value,
-                 compiler_options=_options(f["compiler_options"].value), log=log)
+    try:
+      topo = parse_topology(f["topology"].value)
+      r = estimate(f["config"].value, topo, logits_chunk=f["logits_chunk"].value,
+                   grpo_prompt_len=f["grpo_prompt_len"].value, twins=f["twins"].value,
+                   compiler_options=_options(f["compiler_options"].value), log=log)
+    except ValueError as e:   # a configuration that cannot be laid out on this topology
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
     print(json.dumps(r, sort_keys=True, default=float) if f["json"].value else format_report(r), flush=True)
 
   app.run(run, argv=argv or sys.argv)
