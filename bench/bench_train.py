@@ -36,8 +36,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file 
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed optimizer steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _DATA = flags.DEFINE_enum("data", "synthetic", ["synthetic", "stage"], "Batch source.")
-_LOGITS_CHUNK = flags.DEFINE_integer("logits_chunk", 0, "Mixed stages: LM head + CE in chunks of this many "
-                                     "positions (mmada_jax.aot.chunked_mixed_loss_fn; 0 = the trainer's loss).")
 _GRPO_PROMPT_LEN = flags.DEFINE_integer("grpo_prompt_len", 256, "UniGRPO prompt width when rl.max_prompt_len=0.")
 
 
@@ -91,8 +89,7 @@ def run(config) -> dict:
   with jax.set_mesh(mesh):
     state = state_lib.init_state(model_cfg, tx, shardings, int(config.seed))
   aot_stage, abstract_batch, _, shapes = aot.abstract_stage(
-      config, model_cfg, mesh, abstract.params, logits_chunk=_LOGITS_CHUNK.value,
-      grpo_prompt_len=_GRPO_PROMPT_LEN.value)
+      config, model_cfg, mesh, abstract.params, grpo_prompt_len=_GRPO_PROMPT_LEN.value)
   acc = int(config.optimizer.grad_accum)
   if _DATA.value == "stage":
     stage = get_stage(config, model_cfg)

@@ -57,11 +57,13 @@ def stage_config(**overrides) -> ml_collections.ConfigDict:
   (prompt never noised, 1/(p·ans_len)). t2i_attention: 'hard' padding mask or the original's
   'original_additive' float bias (QUIRK). mask_schedule / min_masking_rate: image noising.
   text_eps: ε of p = (1-ε)t + ε. min_answer_length_lm: clamp of ans_len (stage 2.2: 1; 0 = off).
+  logits_chunk: > 0 applies the LM head + cross-entropy to this many positions at a time (same
+  loss, no full [B, L, V] float32 logits in memory); 0 = full logits.
   """
   s = ml_collections.ConfigDict(dict(
       name="pretrain", module="", coeff_t2i=1.0, coeff_lm=0.1, coeff_mmu=1.0, lm_format="lm",
       t2i_attention="hard", mask_schedule="cosine", min_masking_rate=0.0, text_eps=1e-3,
-      min_answer_length_lm=0))
+      min_answer_length_lm=0, logits_chunk=0))
   s.update(overrides)
   return s
 

@@ -2,7 +2,7 @@
 
   python -m mmada_jax.aot --config=configs/mmada_8b.py:stage1_3 --topology=v5p-128 [--json] \
       [--config.mesh_shape=fsdp=-1] [--config.model.remat_policy=dots] [--config.optimizer.grad_accum=8] \
-      [--logits_chunk=256]
+      [--config.stage.logits_chunk=256]
 
 Every ``--config.*`` override of the trainer works (the config is the trainer's, locked). The step
 is the trainer's own: ``state_shardings`` → ``make_step_fn(stage, tx, schedule, ...)`` →
@@ -38,7 +38,10 @@ counted, and the optimizer update alone (C_opt):
 step compiled with the given options. The cost model sums per-op times (compute or HBM traffic,
 whichever bounds the op); collectives appear to be costed by their HBM traffic, not by ICI
 bandwidth or latency (an all-gather's ``optimal_seconds`` ≈ its bytes accessed / HBM bandwidth),
-and nothing is overlapped. It is XLA's model, not a measurement.
+and nothing is overlapped. It is XLA's model, not a measurement. With libtpu 0.0.42.1 the v5e
+and v6e cost models give some ops a time of −1 s (measured), so no time or MFU estimate is
+reported there (``cost_model_note``); the roofline of XLA's totals, max(FLOPs/peak,
+bytes/HBM bandwidth), is reported for every generation as a lower bound on the step time.
 """
 from __future__ import annotations
 
@@ -57,15 +60,12 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
-from mmada_jax.diffusion import losses
-from mmada_jax.model import transformer
 from mmada_jax.model.config import MMaDAConfig
-from mmada_jax.prompting.builders import training_attention_bias
-from mmada_jax.prompting.special_tokens import IGNORE_ID, SpecialTokens
-from mmada_jax.sharding.rules import MESH_AXES, constrain, parse_mesh_shape
+from mmada_jax.prompting.special_tokens import SpecialTokens
+from mmada_jax.sharding.rules import MESH_AXES, parse_mesh_shape
 from mmada_jax.train import metrics as metrics_lib
 from mmada_jax.train import optim, state as state_lib
-from mmada_jax.train.stages import MixedSpec, Stage, mixed_loss_fn, noise_mixed_batch
+from mmada_jax.train.stages import MixedSpec, Stage, mixed_loss_fn
 from mmada_jax.train.step import BATCH_AXES, jit_step, make_step_fn
 from mmada_jax.train.trainer import model_config, parse_rules
 
@@ -82,6 +82,7 @@ class Generation:
   name: str
   peak_flops: float          # dense bf16 FLOP/s per chip
   hbm_bytes: int             # HBM per chip
+  hbm_bandwidth: float       # HBM bytes/s per chip
   ndim: int                  # torus dimensions of the topology name
   alias_counts_cores: bool
   device_kind: str           # jax device_kind of the abstract devices
@@ -89,10 +90,10 @@ class Generation:
 
 
 GENERATIONS: dict[str, Generation] = {
-    "v4": Generation("v4", 275e12, 32 * GIB, 3, True, "TPU v4", "megacore"),
-    "v5p": Generation("v5p", 459e12, 95 * GIB, 3, True, "TPU v5"),
-    "v5e": Generation("v5e", 197e12, 16 * GIB, 2, False, "TPU v5 lite"),
-    "v6e": Generation("v6e", 918e12, 32 * GIB, 2, False, "TPU v6 lite"),
+    "v4": Generation("v4", 275e12, 32 * GIB, 1228e9, 3, True, "TPU v4", "megacore"),
+    "v5p": Generation("v5p", 459e12, 95 * GIB, 2765e9, 3, True, "TPU v5"),
+    "v5e": Generation("v5e", 197e12, 16 * GIB, 819e9, 2, False, "TPU v5 lite"),
+    "v6e": Generation("v6e", 918e12, 32 * GIB, 1640e9, 2, False, "TPU v6 lite"),
 }
 _GEN_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e", "v5": "v5p"}
 # Default slice shapes for accelerator-type aliases (chips -> topology).
@@ -179,53 +180,6 @@ def make_topology_mesh(mesh_shape: str, devices: list[Any]) -> Mesh:
   return jax.make_mesh(dims, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
-# ----------------------------------------------------------------------------- losses
-
-def chunked_cross_entropy(params: Any, cfg: MMaDAConfig, hidden: jax.Array, labels: jax.Array,
-                          chunk: int) -> jax.Array:
-  """Per-position CE [B, L] float32 from final-norm hidden states [B, L, d], projecting the LM
-  head over ``chunk`` positions at a time (each chunk rematerialised in the backward pass).
-
-  Equal to ``token_cross_entropy(project_logits(hidden), labels)`` but only one chunk's
-  float32 logits [B, chunk, V] is live at a time instead of [B, L, V]. The loop is unrolled so
-  that XLA's cost analysis counts every chunk.
-  """
-  b, length, _ = hidden.shape
-  n = max(1, math.ceil(length / max(1, int(chunk))))
-  c = math.ceil(length / n)
-  pad = n * c - length
-  if pad:
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    labels = jnp.pad(labels, ((0, 0), (0, pad)), constant_values=IGNORE_ID)
-
-  @functools.partial(jax.checkpoint, prevent_cse=True)
-  def piece(head: jax.Array, h: jax.Array, lab: jax.Array) -> jax.Array:
-    logits = transformer.project_logits({"lm_head": head}, cfg, h)
-    logits = constrain(logits, ("batch", "length", "act_vocab"))
-    return losses.token_cross_entropy(logits, lab)
-
-  ce = [piece(params["lm_head"], hidden[:, i * c:(i + 1) * c], labels[:, i * c:(i + 1) * c]) for i in range(n)]
-  return jnp.concatenate(ce, axis=1)[:, :length]
-
-
-def chunked_mixed_loss_fn(params, batch, rng, frozen, *, model_cfg: MMaDAConfig, spec: MixedSpec, chunk: int):
-  """``stages.mixed_loss_fn`` with the LM head and CE computed in sequence chunks (same value)."""
-  del frozen
-  lb, sizes = noise_mixed_batch(batch, rng, spec)
-  if spec.t2i_attention == "hard":
-    hidden = transformer.forward(params, model_cfg, lb["input_ids"], attention_mask=lb["attention_mask"],
-                                 return_hidden=True)
-  else:
-    bias = training_attention_bias(lb["attention_mask"], sizes[0], mode="original_additive")
-    hidden = transformer.forward(params, model_cfg, lb["input_ids"], attention_bias=bias, return_hidden=True)
-  ce = chunked_cross_entropy(params, model_cfg, hidden, lb["labels"], chunk)
-  total, parts = losses.mixed_loss(
-      None, lb, ce=ce, batch_sizes=sizes, max_text_len=spec.max_text_len, mask_id=spec.mask_id,
-      coeffs=losses.LossCoefficients(*spec.coeffs),
-      min_answer_length_lm=spec.min_answer_length_lm if spec.min_answer_length_lm > 0 else None)
-  return total, {"loss": total, **parts}
-
-
 # ----------------------------------------------------------------------------- abstract stage + batch
 
 @dataclasses.dataclass(frozen=True)
@@ -257,16 +211,14 @@ def _micro_rows(rows: int, grad_accum: int, mesh: Mesh, what: str) -> int:
 
 
 def abstract_stage(config: ConfigDict, model_cfg: MMaDAConfig, mesh: Mesh, params: Any, *,
-                   logits_chunk: int = 0, grpo_prompt_len: int = 256
-                   ) -> tuple[Stage, Any, Any, StepShapes]:
+                   grpo_prompt_len: int = 256) -> tuple[Stage, Any, Any, StepShapes]:
   """(stage, abstract batch [A, B/A, ...] sharded as the trainer's, abstract frozen pytree, shapes)
   for ``config.stage.name``: ``pretrain``/``sft`` (mixed loss) or ``grpo``/``unigrpo``.
 
   Args:
     params: the abstract (sharded) parameters; UniGRPO's frozen reference has their shardings.
-    logits_chunk: mixed stages: 0 = the trainer's loss (full [B, L, V] logits); > 0 =
-      :func:`chunked_mixed_loss_fn` with chunks of this many positions.
-    grpo_prompt_len: UniGRPO text/MMU prompt width when ``rl.max_prompt_len`` is 0.
+    grpo_prompt_len: UniGRPO prompt text width when ``rl.max_prompt_len`` is 0 (MMU prompts add
+      the image's ``num_vq_tokens`` + 3 layout tokens to it).
   """
   name = str(config.stage.name)
   acc = int(config.optimizer.grad_accum)
@@ -274,10 +226,7 @@ def abstract_stage(config: ConfigDict, model_cfg: MMaDAConfig, mesh: Mesh, param
     spec = MixedSpec.from_config(config, model_cfg)
     if name == "sft" and spec.lm_format != "lm_chat":
       raise ValueError("stage 'sft' trains lm_chat rows: set stage.lm_format='lm_chat'")
-    if logits_chunk > 0:
-      loss = functools.partial(chunked_mixed_loss_fn, model_cfg=model_cfg, spec=spec, chunk=int(logits_chunk))
-    else:
-      loss = functools.partial(mixed_loss_fn, model_cfg=model_cfg, spec=spec)
+    loss = functools.partial(mixed_loss_fn, model_cfg=model_cfg, spec=spec)
     length = int(config.data.max_text_len) + int(config.data.num_image_tokens) + 3
     keys = {"t2i": ("input_ids", "attention_mask"), "lm": ("input_ids", "prompt_mask"),
             "mmu": ("input_ids", "prompt_mask")}
@@ -306,7 +255,8 @@ def abstract_stage(config: ConfigDict, model_cfg: MMaDAConfig, mesh: Mesh, param
       length, resp = int(g.max_text_len) + n_img + 3, n_img
       vocab_range = (int(sp.image_offset), int(sp.image_offset) + int(model_cfg.codebook_size))
     else:
-      length, resp = int(g.max_prompt_len or grpo_prompt_len) + int(g.gen_length), int(g.gen_length)
+      prompt = int(g.max_prompt_len) or int(grpo_prompt_len) + (n_img + 3 if g.task == "mmu" else 0)
+      length, resp = prompt + int(g.gen_length), int(g.gen_length)
       vocab_range = None
     rows = g.rollouts_per_step
     micro = _micro_rows(rows, acc, mesh, f"rl.group_size×rl.prompts_per_step={rows}")
@@ -388,7 +338,7 @@ class StepProgram:
   shardings: Any
 
 
-def compile_step(config: ConfigDict, model_cfg: MMaDAConfig, mesh: Mesh, *, logits_chunk: int = 0,
+def compile_step(config: ConfigDict, model_cfg: MMaDAConfig, mesh: Mesh, *,
                  grpo_prompt_len: int = 256, compiler_options: Mapping[str, Any] | None = None) -> StepProgram:
   """Lowers and compiles the trainer's jitted step for ``config`` on ``mesh`` (abstract arrays only)."""
   rules = parse_rules(config.sharding_rules)
@@ -396,7 +346,7 @@ def compile_step(config: ConfigDict, model_cfg: MMaDAConfig, mesh: Mesh, *, logi
   tx, schedule = optim.make_optimizer(config.optimizer, params_shape, int(config.steps))
   abstract, shardings = state_lib.state_shardings(model_cfg, tx, mesh, rules)
   stage, batch, frozen, shapes = abstract_stage(config, model_cfg, mesh, abstract.params,
-                                                logits_chunk=logits_chunk, grpo_prompt_len=grpo_prompt_len)
+                                                grpo_prompt_len=grpo_prompt_len)
   step_fn = make_step_fn(stage, tx, schedule, shardings.params)
   with jax.set_mesh(mesh):
     compiled = _compile(jit_step(step_fn, shardings, batch, frozen, mesh), (abstract, batch, frozen),
@@ -439,7 +389,7 @@ def analytical_flops(cfg: MMaDAConfig, shapes: StepShapes) -> float:
   return flops - head * shapes.rows * (shapes.length - shapes.logit_positions)
 
 
-def estimate(config: ConfigDict, topo: Topology, *, devices: list[Any] | None = None, logits_chunk: int = 0,
+def estimate(config: ConfigDict, topo: Topology, *, devices: list[Any] | None = None,
              grpo_prompt_len: int = 256, twins: bool = True,
              compiler_options: Mapping[str, Any] | None = None, log=None) -> dict[str, Any]:
   """Compiles the step of ``config`` for ``topo`` and returns the report dict (``--json`` fields)."""
@@ -448,8 +398,7 @@ def estimate(config: ConfigDict, topo: Topology, *, devices: list[Any] | None = 
   mesh = make_topology_mesh(str(config.mesh_shape), devices)
   model_cfg = model_config(config.model)
   say(f"compiling the {config.stage.name} step for {topo.name} ({topo.chips} chips), mesh {dict(mesh.shape)}")
-  prog = compile_step(config, model_cfg, mesh, logits_chunk=logits_chunk, grpo_prompt_len=grpo_prompt_len,
-                      compiler_options=compiler_options)
+  prog = compile_step(config, model_cfg, mesh, grpo_prompt_len=grpo_prompt_len, compiler_options=compiler_options)
   c = prog.compiled
   sh = prog.shapes
   shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
@@ -458,7 +407,7 @@ def estimate(config: ConfigDict, topo: Topology, *, devices: list[Any] | None = 
       "topology": topo.name, "chips": topo.chips, "device_kind": topo.gen.device_kind,
       "stage": str(config.stage.name), "mesh": {a: int(mesh.shape[a]) for a in MESH_AXES},
       "sharding_rules": str(config.sharding_rules), "remat_policy": model_cfg.remat_policy,
-      "scan_layers": model_cfg.scan_layers, "logits_chunk": int(logits_chunk),
+      "scan_layers": model_cfg.scan_layers, "logits_chunk": int(config.stage.get("logits_chunk", 0)),
       "param_dtype": model_cfg.param_dtype, "dtype": model_cfg.dtype,
       "rows_per_step": sh.rows, "seq_len": sh.length, "logit_positions": sh.logit_positions,
       "grad_accum": sh.grad_accum,
@@ -488,20 +437,28 @@ def estimate(config: ConfigDict, topo: Topology, *, devices: list[Any] | None = 
     twin_cfg = ConfigDict(config.to_dict())
     twin_cfg.model.n_layers, twin_cfg.model.scan_layers = n, False
     say(f"  compiling the {n}-layer unrolled cost twin")
-    tw = compile_step(twin_cfg, model_config(twin_cfg.model), mesh, logits_chunk=logits_chunk,
-                      grpo_prompt_len=grpo_prompt_len, compiler_options=cost_opts)
+    tw = compile_step(twin_cfg, model_config(twin_cfg.model), mesh, grpo_prompt_len=grpo_prompt_len,
+                      compiler_options=cost_opts)
     if tw.compiled.cost is None:
       raise RuntimeError(f"the {n}-layer cost twin did not compile: {tw.compiled.error}")
     costs.append(tw.compiled.cost)
   opt = compile_optimizer(prog, mesh, cost_opts)
   total = scaled_cost(costs[0], costs[1], opt.cost, sh.grad_accum, model_cfg.n_layers)
-  secs = total["optimal_seconds"]
-  mfu = out["step_flops"] / (secs * topo.chips * topo.gen.peak_flops) if secs > 0 else None
+  peak = topo.chips * topo.gen.peak_flops
+  # Roofline of the totals: a lower bound on any schedule's time, never an estimate of it.
+  roof = max(total["flops"] / topo.gen.peak_flops, total["bytes accessed"] / topo.gen.hbm_bandwidth)
   out.update(xla_step_flops=total["flops"] * topo.chips, xla_bytes_per_chip=total["bytes accessed"],
-             estimated_step_seconds=secs, estimated_mfu=mfu,
-             estimated_tokens_per_second=sh.rows * sh.length / secs if secs > 0 else None,
+             roofline_step_seconds=roof, roofline_mfu_bound=out["step_flops"] / (roof * peak),
              xla_raw={"step_as_counted": c.cost, "twin_1_layer": costs[0], "twin_2_layers": costs[1],
                       "optimizer": opt.cost})
+  if any(x["optimal_seconds"] < 0 for x in (*costs, opt.cost)):
+    # Measured with libtpu 0.0.42.1: on v5e/v6e the cost model gives some ops a time of -1 s.
+    out["cost_model_note"] = (f"XLA's cost model returned negative op times for {topo.gen.name} (a -1 s "
+                              "sentinel per op it cannot cost): no step-time estimate")
+    return out
+  secs = total["optimal_seconds"]
+  out.update(estimated_step_seconds=secs, estimated_mfu=out["step_flops"] / (secs * peak),
+             estimated_tokens_per_second=sh.rows * sh.length / secs)
   return out
 
 
@@ -546,6 +503,11 @@ def format_report(r: Mapping[str, Any]) -> str:
   lines.append(f"FLOPs per step: analytical {r['step_flops']:.3e} (6·N_matmul·tokens + attention)"
                + (f", XLA {r['xla_step_flops']:.3e} (all chips, loops scaled, remat recompute included)"
                   if r.get("xla_step_flops") else ""))
+  if r.get("cost_model_note"):
+    lines.append(r["cost_model_note"])
+  if r.get("roofline_step_seconds"):
+    lines.append(f"roofline of XLA's totals (max of FLOPs/peak, bytes/HBM bandwidth): {r['roofline_step_seconds']:.3f} s, "
+                 f"a lower bound → MFU ≤ {100 * r['roofline_mfu_bound']:.1f}%")
   if r.get("estimated_step_seconds"):
     lines.append(f"XLA cost-model step time {r['estimated_step_seconds']:.3f} s (an optimistic bound, not a "
                  f"measurement) → estimated MFU {100 * r['estimated_mfu']:.1f}%, "
@@ -563,9 +525,6 @@ def _flags():
       "config": cfg,
       "topology": flags.DEFINE_string("topology", None, "TPU slice: v5p:4x4x4, v5e:16x16, v6e:8x8, v5p-128, v6e-64 …"),
       "json": flags.DEFINE_bool("json", False, "Print one JSON line instead of text."),
-      "logits_chunk": flags.DEFINE_integer(
-          "logits_chunk", 0, "Mixed stages: compute the LM head + CE in chunks of this many positions "
-          "(0 = the trainer's full [B, L, V] logits)."),
       "grpo_prompt_len": flags.DEFINE_integer("grpo_prompt_len", 256, "UniGRPO prompt width when rl.max_prompt_len=0."),
       "twins": flags.DEFINE_bool("twins", True, "Compile the 1- and 2-layer cost twins for FLOPs, step time and MFU "
                                  "(False: memory only, one compile)."),
@@ -600,8 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     log = (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
       topo = parse_topology(f["topology"].value)
-      r = estimate(f["config"].value, topo, logits_chunk=f["logits_chunk"].value,
-                   grpo_prompt_len=f["grpo_prompt_len"].value, twins=f["twins"].value,
+      r = estimate(f["config"].value, topo, grpo_prompt_len=f["grpo_prompt_len"].value, twins=f["twins"].value,
                    compiler_options=_options(f["compiler_options"].value), log=log)
     except ValueError as e:   # a configuration that cannot be laid out on this topology
       print(f"error: {e}", file=sys.stderr)
