@@ -1,10 +1,15 @@
-"""Sampler throughput benchmark on a small random MMaDA config (prints JSON; not a test).
+"""Sampler throughput benchmark with random weights (prints JSON; not a test).
 
   python bench/bench_samplers.py [--batch 2 --prompt 64 --gen 64 --block 16 --steps 32 ...]
+  python bench/bench_samplers.py --config=configs/mmada_8b.py:stage1_3 --param-dtype=bfloat16 --batch=1
+
+The model is a small one built from ``--d-model/--layers/--heads`` or, with ``--config``, the
+``model`` section of any training config (``path[:variant]``; e.g. the 8B architecture).
 
 Reports text tokens/s of the plain sampler (full recompute every step), the prefix- and dual-cached
 samplers, and cached + confidence-threshold decoding; the share of generated tokens identical to
-the plain sampler's; model calls per run; and T2I images/s of the plain MaskGIT sampler.
+the plain sampler's; model calls per run; T2I images/s of the plain MaskGIT sampler; peak device
+memory where the backend reports it (GPU/TPU ``memory_stats``) and the host's peak RSS.
 
 The model is random, so its softmax is nearly flat (top-1 probability ~ 1/V) and a 0.9
 threshold would never fire; ``--head-scale`` multiplies the LM head to make the predictions
@@ -15,7 +20,9 @@ are kept.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import resource
 import time
 
 
@@ -32,8 +39,36 @@ def _timed(fn, repeats: int):
   return out, best, first
 
 
+def load_config(spec: str):
+  """``path[:arg]`` of an ml_collections config file -> ``get_config(arg)``."""
+  path, _, arg = spec.partition(":")
+  mod_spec = importlib.util.spec_from_file_location("bench_config", path)
+  if mod_spec is None or mod_spec.loader is None:
+    raise SystemExit(f"--config: cannot load {path!r}")
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  return mod.get_config(arg or None)
+
+
+def peak_device_memory() -> int | None:
+  """Largest ``peak_bytes_in_use`` over local devices, or None where the backend has no stats."""
+  import jax
+  vals = []
+  for d in jax.local_devices():
+    try:
+      v = (d.memory_stats() or {}).get("peak_bytes_in_use")
+    except Exception:  # noqa: BLE001 - CPU devices report no memory stats
+      v = None
+    if v is not None:
+      vals.append(int(v))
+  return max(vals) if vals else None
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--config", default="", help="Training config path[:variant]; its model section is benchmarked.")
+  ap.add_argument("--param-dtype", default="", help="Parameter dtype override (e.g. bfloat16 for 8B inference).")
+  ap.add_argument("--dtype", default="", help="Compute dtype override.")
   ap.add_argument("--d-model", type=int, default=256)
   ap.add_argument("--layers", type=int, default=4)
   ap.add_argument("--heads", type=int, default=8)
@@ -59,17 +94,32 @@ def main() -> None:
   from mmada_jax.sampling.t2i import IMAGE_TOKEN_OFFSET, generate_image_tokens
   from mmada_jax.sampling.text import generate_text
 
-  cfg = MMaDAConfig(d_model=args.d_model, n_heads=args.heads, n_kv_heads=args.heads,
-                    n_layers=args.layers, mlp_hidden_size=int(args.d_model * 2.75) // 32 * 32,
-                    num_vq_tokens=args.t2i_tokens)
-  params = jax.jit(transformer.init_params, static_argnums=0)(cfg, jax.random.key(0))
-  params["lm_head"] = params["lm_head"] * args.head_scale
+  if args.config:
+    from mmada_jax.train.trainer import model_config
+    cfg = model_config(load_config(args.config).model)
+    args.t2i_tokens = cfg.num_vq_tokens
+  else:
+    cfg = MMaDAConfig(d_model=args.d_model, n_heads=args.heads, n_kv_heads=args.heads,
+                      n_layers=args.layers, mlp_hidden_size=int(args.d_model * 2.75) // 32 * 32,
+                      num_vq_tokens=args.t2i_tokens)
+  import dataclasses
+  over = {k: v for k, v in (("param_dtype", args.param_dtype), ("dtype", args.dtype)) if v}
+  if over:
+    cfg = dataclasses.replace(cfg, **over)
+
+  @jax.jit
+  def init(key):
+    p = transformer.init_params(cfg, key)
+    return {**p, "lm_head": (p["lm_head"] * args.head_scale).astype(p["lm_head"].dtype)}
+
+  params = init(jax.random.key(0))
   rng = np.random.default_rng(0)
   prompt = rng.integers(200, 126000, (args.batch, args.prompt))
   b, g = args.batch, args.gen
   out = {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
-         "config": {"d_model": cfg.d_model, "layers": cfg.n_layers, "heads": cfg.n_heads,
-                    "vocab": cfg.vocab_size, "params": cfg.num_params(), "head_scale": args.head_scale},
+         "config": {"source": args.config or "flags", "d_model": cfg.d_model, "layers": cfg.n_layers,
+                    "heads": cfg.n_heads, "vocab": cfg.vocab_size, "params": cfg.num_params(),
+                    "param_dtype": cfg.param_dtype, "dtype": cfg.dtype, "head_scale": args.head_scale},
          "text": {"batch": b, "prompt": args.prompt, "gen_length": g, "block_length": args.block,
                   "steps": args.steps, "threshold": args.threshold}}
   kw = dict(gen_length=g, block_length=args.block, steps=args.steps)
@@ -106,6 +156,8 @@ def main() -> None:
   out["t2i"] = {"batch": b, "image_tokens": n, "text_len": s, "timesteps": args.t2i_steps,
                 "guidance": args.t2i_guidance, "images_per_s": round(b / t, 3), "run_s": round(t, 3),
                 "first_call_s": round(c, 2)}
+  out["peak_device_memory_bytes"] = peak_device_memory()
+  out["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   print(json.dumps(out, indent=1))
 
 

@@ -1,0 +1,172 @@
+"""Runs ``python -m mmada_jax.aot`` over the planning grid of docs/aot.md and prints its tables.
+
+  python bench/aot_sweep.py --out=runs/aot [--jobs=2] [--only=v5p-64] [--grid=plan|tuning|all]
+
+Each entry compiles one 8B stage (``configs/mmada_8b.py``) for one TPU slice with the settings
+given here (mesh, remat policy, gradient accumulation, LM-head chunking) and stores the report as
+``OUT/NAME.json``; entries whose JSON exists are not recompiled, so an interrupted sweep resumes.
+The global batch of every stage is the config's (the original's 64-device batch): on a slice
+with fewer chips, gradient accumulation grows to keep rows per chip per micro-batch small.
+
+Grids:
+  * ``plan``: the best settings found per (stage, slice), the docs/aot.md table;
+  * ``tuning``: stage 1.3 on v5p-64 under each remat policy / accumulation / mesh tried.
+
+Needs the ``libtpu`` wheel (``pip install -r requirements-aot.txt``); every compile runs in its
+own ``JAX_PLATFORMS=cpu`` process (about 1–4 minutes and 2–4 GB of host memory each).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import pathlib
+import subprocess
+import sys
+from typing import Any
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+GIB = 2 ** 30
+
+DNB = "dots_with_no_batch_dims"
+
+
+def _e(name: str, variant: str, topology: str, **overrides: Any) -> dict[str, Any]:
+  return {"name": name, "variant": variant, "topology": topology, "overrides": overrides}
+
+
+# Best settings found per slice (global batch fixed by the config; see module docstring).
+PLAN = [
+    # v5p-32: 16 chips × 95 GiB
+    _e("v5p32_s11", "stage1_1", "v5p-32", remat_policy=DNB, grad_accum=4),
+    _e("v5p32_s12", "stage1_2", "v5p-32", remat_policy=DNB, grad_accum=4),
+    _e("v5p32_s13", "stage1_3", "v5p-32", remat_policy=DNB, grad_accum=16),
+    _e("v5p32_s21", "stage2_1", "v5p-32", remat_policy=DNB, grad_accum=8),
+    _e("v5p32_grpo", "stage3_grpo", "v5p-32", remat_policy=DNB, grad_accum=4),
+    # v5p-64: 32 chips
+    _e("v5p64_s11", "stage1_1", "v5p-64", remat_policy=DNB, grad_accum=2),
+    _e("v5p64_s12", "stage1_2", "v5p-64", remat_policy=DNB, grad_accum=2),
+    _e("v5p64_s13", "stage1_3", "v5p-64", remat_policy=DNB, grad_accum=8),
+    _e("v5p64_s21", "stage2_1", "v5p-64", remat_policy=DNB, grad_accum=4),
+    _e("v5p64_grpo", "stage3_grpo", "v5p-64", remat_policy=DNB, grad_accum=4),
+    _e("v5p64_grpo_mmu", "stage3_grpo_mmu", "v5p-64", remat_policy=DNB, grad_accum=4),
+    _e("v5p64_grpo_t2i", "stage3_grpo_t2i", "v5p-64", remat_policy=DNB, grad_accum=4),
+    # v5p-128: 64 chips
+    _e("v5p128_s11", "stage1_1", "v5p-128", remat_policy=DNB, grad_accum=2),
+    _e("v5p128_s12", "stage1_2", "v5p-128", remat_policy=DNB, grad_accum=2),
+    _e("v5p128_s13", "stage1_3", "v5p-128", remat_policy=DNB, grad_accum=4),
+    _e("v5p128_s21", "stage2_1", "v5p-128", remat_policy=DNB, grad_accum=4),
+    _e("v5p128_grpo", "stage3_grpo", "v5p-128", remat_policy=DNB, grad_accum=4),
+    # v5e-256: 256 chips × 16 GiB: 8B weights + Adam state need tensor parallelism beside FSDP
+    _e("v5e256_s11", "stage1_1", "v5e-256", remat_policy="minimal", grad_accum=1, mesh_shape="fsdp=128,tensor=2"),
+    _e("v5e256_s12", "stage1_2", "v5e-256", remat_policy="minimal", grad_accum=2, mesh_shape="fsdp=128,tensor=2"),
+    _e("v5e256_s13", "stage1_3", "v5e-256", remat_policy="minimal", grad_accum=2, mesh_shape="fsdp=128,tensor=2"),
+    _e("v5e256_s21", "stage2_1", "v5e-256", remat_policy="minimal", grad_accum=2, mesh_shape="fsdp=128,tensor=2"),
+    _e("v5e256_grpo", "stage3_grpo", "v5e-256", remat_policy="minimal", grad_accum=1, mesh_shape="fsdp=128,tensor=2"),
+    # v6e-64: 64 chips × 32 GiB
+    _e("v6e64_s11", "stage1_1", "v6e-64", remat_policy="minimal", grad_accum=2),
+    _e("v6e64_s12", "stage1_2", "v6e-64", remat_policy="minimal", grad_accum=2),
+    _e("v6e64_s13", "stage1_3", "v6e-64", remat_policy="minimal", grad_accum=4),
+    _e("v6e64_s21", "stage2_1", "v6e-64", remat_policy="minimal", grad_accum=4),
+    _e("v6e64_grpo", "stage3_grpo", "v6e-64", remat_policy="minimal", grad_accum=4),
+]
+
+# Stage 1.3 on v5p-64 (32 chips): what moved memory and the estimated MFU.
+TUNING = [
+    _e("tune_full_A4", "stage1_3", "v5p-64", remat_policy="full", grad_accum=4),
+    _e("tune_minimal_A4", "stage1_3", "v5p-64", remat_policy="minimal", grad_accum=4),
+    _e("tune_qkv_A4", "stage1_3", "v5p-64", remat_policy="save_qkv_out", grad_accum=4),
+    _e("tune_dnb_A4", "stage1_3", "v5p-64", remat_policy=DNB, grad_accum=4),
+    _e("tune_dnb_A4_chunk256", "stage1_3", "v5p-64", remat_policy=DNB, grad_accum=4, logits_chunk=256),
+    _e("tune_dnb_A8", "stage1_3", "v5p-64", remat_policy=DNB, grad_accum=8),
+    _e("tune_dnb_A8_data2", "stage1_3", "v5p-64", remat_policy=DNB, grad_accum=8, mesh_shape="data=2,fsdp=16"),
+    _e("tune_dnb_A8_tensor2", "stage1_3", "v5p-64", remat_policy=DNB, grad_accum=4, mesh_shape="fsdp=16,tensor=2"),
+]
+
+_KEYS = {"remat_policy": "model.remat_policy", "grad_accum": "optimizer.grad_accum", "mesh_shape": "mesh_shape",
+         "logits_chunk": "stage.logits_chunk"}
+
+
+def command(entry: dict[str, Any]) -> list[str]:
+  """The ``mmada_jax.aot`` command line of one grid entry."""
+  cmd = [sys.executable, "-m", "mmada_jax.aot", "--json", f"--config=configs/mmada_8b.py:{entry['variant']}",
+         f"--topology={entry['topology']}"]
+  for k, v in entry["overrides"].items():
+    cmd.append(f"--config.{_KEYS[k]}={v}")
+  return cmd
+
+
+def run_entry(entry: dict[str, Any], out: pathlib.Path, retries: int = 1) -> dict[str, Any]:
+  """Compiles one entry (or reads its stored report); returns the report or {"error": ...}."""
+  path = out / f"{entry['name']}.json"
+  if path.exists():
+    return json.loads(path.read_text())
+  env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1", PYTHONPATH=str(REPO))
+  env.pop("XLA_FLAGS", None)
+  for attempt in range(retries + 1):
+    proc = subprocess.run(command(entry), cwd=REPO, env=env, capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.strip().startswith("{")]
+    if proc.returncode == 0 and lines:
+      report = json.loads(lines[-1])
+      tmp = path.with_suffix(".tmp")
+      tmp.write_text(json.dumps(report, sort_keys=True, default=float))
+      tmp.replace(path)
+      return report
+    # libtpu occasionally fails to describe a topology while another process initialises it.
+    if "host bounds" not in proc.stderr or attempt == retries:
+      return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+  return {"error": "unreachable"}
+
+
+def _fmt_row(entry: dict[str, Any], r: dict[str, Any]) -> str:
+  if "error" in r:
+    return f"| {entry['variant']} | {entry['topology']} | – | – | – | – | error: {r['error'][:80]} | | | |"
+  mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
+  hbm = r.get("hbm_per_chip_bytes")
+  cap = r["hbm_capacity_bytes"]
+  mem = f"{hbm / GIB:.1f} / {cap / GIB:.0f}" if hbm else "–"
+  head = f"{100 * (1 - hbm / cap):.0f}%" if hbm else "–"
+  secs = r.get("estimated_step_seconds")
+  mfu = f"{100 * r['estimated_mfu']:.1f}%" if r.get("estimated_mfu") else "n/a¹"
+  roof = f"{100 * r['roofline_mfu_bound']:.0f}%" if r.get("roofline_mfu_bound") else "–"
+  chunk = f", chunk {r['logits_chunk']}" if r.get("logits_chunk") else ""
+  return (f"| {entry['variant']} | {r['topology']} ({r['chips']}) | {mesh} | {r['remat_policy']}{chunk} | "
+          f"{r['grad_accum']} × {r['rows_per_shard_micro']:g} | {r['seq_len']} | {mem} ({head} free) | "
+          f"{'yes' if r['fits'] else 'NO'} | {f'{secs:.2f}' if secs else '–'} | {mfu} | {roof} |")
+
+
+HEADER = ("| stage | slice (chips) | mesh | remat | accum × rows/shard | L | HBM GiB/chip | fits | est. step s | "
+          "est. MFU | roofline MFU bound |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def main(argv: list[str] | None = None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--out", default="runs/aot", help="Folder for the per-entry JSON reports.")
+  ap.add_argument("--jobs", type=int, default=1, help="Compiles run in parallel (each ~1 core, 2-4 GB).")
+  ap.add_argument("--only", default="", help="Comma-separated slice names or entry names to run.")
+  ap.add_argument("--grid", choices=("plan", "tuning", "all"), default="all")
+  a = ap.parse_args(argv)
+  out = pathlib.Path(a.out)
+  out.mkdir(parents=True, exist_ok=True)
+  grids = {"plan": PLAN, "tuning": TUNING}
+  chosen = [(g, e) for g in (("plan", "tuning") if a.grid == "all" else (a.grid,)) for e in grids[g]]
+  only = {s.strip() for s in a.only.split(",") if s.strip()}
+  if only:
+    chosen = [(g, e) for g, e in chosen if e["topology"] in only or e["name"] in only]
+  with cf.ThreadPoolExecutor(max(1, a.jobs)) as pool:
+    futures = {e["name"]: pool.submit(run_entry, e, out) for _, e in chosen}
+    results = {}
+    for name, fut in futures.items():
+      results[name] = fut.result()
+      print(f"[aot_sweep] {name}: {'error' if 'error' in results[name] else 'done'}", file=sys.stderr, flush=True)
+  for g in dict.fromkeys(g for g, _ in chosen):
+    print(f"\n### {g}\n\n{HEADER}")
+    for gg, e in chosen:
+      if gg == g:
+        print(_fmt_row(e, results[e["name"]]))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
