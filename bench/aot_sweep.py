@@ -8,9 +8,14 @@ given here (mesh, remat policy, gradient accumulation, LM-head chunking) and sto
 The global batch of every stage is the config's (the original's 64-device batch): on a slice
 with fewer chips, gradient accumulation grows to keep rows per chip per micro-batch small.
 
+v5e/v6e entries other than stage 1.3 compile the step only (``twins=False``: memory, no cost
+figures): libtpu's cost model gives no step time for those generations (see mmada_jax/aot.py).
+
 Grids:
   * ``plan``: the best settings found per (stage, slice), the docs/aot.md table;
-  * ``tuning``: stage 1.3 on v5p-64 under each remat policy / accumulation / mesh tried.
+  * ``tuning``: stage 1.3 on v5p-64 under each remat policy / accumulation / mesh tried;
+  * ``grpo``: UniGRPO updates at the configs' accumulation of 4 (the plan uses less);
+  * ``v6e``: alternatives tried on v6e.
 
 Needs the ``libtpu`` wheel (``pip install -r requirements-aot.txt``); every compile runs in its
 own ``JAX_PLATFORMS=cpu`` process (about 1–4 minutes and 2–4 GB of host memory each).
@@ -32,8 +37,8 @@ GIB = 2 ** 30
 DNB = "dots_with_no_batch_dims"
 
 
-def _e(name: str, variant: str, topology: str, **overrides: Any) -> dict[str, Any]:
-  return {"name": name, "variant": variant, "topology": topology, "overrides": overrides}
+def _e(name: str, variant: str, topology: str, twins: bool = True, **overrides: Any) -> dict[str, Any]:
+  return {"name": name, "variant": variant, "topology": topology, "overrides": overrides, "twins": twins}
 
 
 # Best settings found per slice (global batch fixed by the config; see module docstring).
@@ -43,33 +48,33 @@ PLAN = [
     _e("v5p32_s12", "stage1_2", "v5p-32", remat_policy=DNB, grad_accum=4),
     _e("v5p32_s13", "stage1_3", "v5p-32", remat_policy=DNB, grad_accum=16),
     _e("v5p32_s21", "stage2_1", "v5p-32", remat_policy=DNB, grad_accum=8),
-    _e("v5p32_grpo", "stage3_grpo", "v5p-32", remat_policy=DNB, grad_accum=4),
+    _e("v5p32_grpo_A2", "stage3_grpo", "v5p-32", remat_policy=DNB, grad_accum=2),
     # v5p-64: 32 chips
     _e("v5p64_s11", "stage1_1", "v5p-64", remat_policy=DNB, grad_accum=2),
     _e("v5p64_s12", "stage1_2", "v5p-64", remat_policy=DNB, grad_accum=2),
     _e("v5p64_s13", "stage1_3", "v5p-64", remat_policy=DNB, grad_accum=8),
     _e("v5p64_s21", "stage2_1", "v5p-64", remat_policy=DNB, grad_accum=4),
-    _e("v5p64_grpo", "stage3_grpo", "v5p-64", remat_policy=DNB, grad_accum=4),
-    _e("v5p64_grpo_mmu", "stage3_grpo_mmu", "v5p-64", remat_policy=DNB, grad_accum=4),
-    _e("v5p64_grpo_t2i", "stage3_grpo_t2i", "v5p-64", remat_policy=DNB, grad_accum=4),
+    _e("v5p64_grpo_A1", "stage3_grpo", "v5p-64", remat_policy=DNB, grad_accum=1),
+    _e("v5p64_grpo_mmu_A2", "stage3_grpo_mmu", "v5p-64", remat_policy=DNB, grad_accum=2),
+    _e("v5p64_grpo_t2i_A2", "stage3_grpo_t2i", "v5p-64", remat_policy=DNB, grad_accum=2),
     # v5p-128: 64 chips
     _e("v5p128_s11", "stage1_1", "v5p-128", remat_policy=DNB, grad_accum=2),
     _e("v5p128_s12", "stage1_2", "v5p-128", remat_policy=DNB, grad_accum=2),
     _e("v5p128_s13", "stage1_3", "v5p-128", remat_policy=DNB, grad_accum=4),
     _e("v5p128_s21", "stage2_1", "v5p-128", remat_policy=DNB, grad_accum=4),
-    _e("v5p128_grpo", "stage3_grpo", "v5p-128", remat_policy=DNB, grad_accum=4),
+    _e("v5p128_grpo_A1", "stage3_grpo", "v5p-128", remat_policy=DNB, grad_accum=1),
     # v5e-256: 256 chips × 16 GiB: 8B weights + Adam state need tensor parallelism beside FSDP
-    _e("v5e256_s11", "stage1_1", "v5e-256", remat_policy="minimal", grad_accum=1, mesh_shape="fsdp=128,tensor=2"),
-    _e("v5e256_s12", "stage1_2", "v5e-256", remat_policy="minimal", grad_accum=2, mesh_shape="fsdp=128,tensor=2"),
+    _e("v5e256_s11", "stage1_1", "v5e-256", twins=False, remat_policy="minimal", grad_accum=1, mesh_shape="fsdp=128,tensor=2"),
+    _e("v5e256_s12", "stage1_2", "v5e-256", twins=False, remat_policy="minimal", grad_accum=1, mesh_shape="fsdp=128,tensor=2"),
     _e("v5e256_s13", "stage1_3", "v5e-256", remat_policy="minimal", grad_accum=2, mesh_shape="fsdp=128,tensor=2"),
-    _e("v5e256_s21", "stage2_1", "v5e-256", remat_policy="minimal", grad_accum=2, mesh_shape="fsdp=128,tensor=2"),
-    _e("v5e256_grpo", "stage3_grpo", "v5e-256", remat_policy="minimal", grad_accum=1, mesh_shape="fsdp=128,tensor=2"),
+    _e("v5e256_s21", "stage2_1", "v5e-256", twins=False, remat_policy="minimal", grad_accum=2, mesh_shape="fsdp=128,tensor=2"),
+    _e("v5e256_grpo", "stage3_grpo", "v5e-256", twins=False, remat_policy="minimal", grad_accum=1, mesh_shape="fsdp=128,tensor=2"),
     # v6e-64: 64 chips × 32 GiB
-    _e("v6e64_s11", "stage1_1", "v6e-64", remat_policy="minimal", grad_accum=2),
-    _e("v6e64_s12", "stage1_2", "v6e-64", remat_policy="minimal", grad_accum=2),
+    _e("v6e64_s11", "stage1_1", "v6e-64", twins=False, remat_policy="minimal", grad_accum=2),
+    _e("v6e64_s12", "stage1_2", "v6e-64", twins=False, remat_policy="minimal", grad_accum=2),
     _e("v6e64_s13", "stage1_3", "v6e-64", remat_policy="minimal", grad_accum=4),
-    _e("v6e64_s21", "stage2_1", "v6e-64", remat_policy="minimal", grad_accum=4),
-    _e("v6e64_grpo", "stage3_grpo", "v6e-64", remat_policy="minimal", grad_accum=4),
+    _e("v6e64_s21", "stage2_1", "v6e-64", twins=False, remat_policy="minimal", grad_accum=4),
+    _e("v6e64_grpo", "stage3_grpo", "v6e-64", twins=False, remat_policy="minimal", grad_accum=4),
 ]
 
 # Stage 1.3 on v5p-64 (32 chips): what moved memory and the estimated MFU.
@@ -81,7 +86,21 @@ TUNING = [
     _e("tune_dnb_A4_chunk256", "stage1_3", "v5p-64", remat_policy=DNB, grad_accum=4, logits_chunk=256),
     _e("tune_dnb_A8", "stage1_3", "v5p-64", remat_policy=DNB, grad_accum=8),
     _e("tune_dnb_A8_data2", "stage1_3", "v5p-64", remat_policy=DNB, grad_accum=8, mesh_shape="data=2,fsdp=16"),
-    _e("tune_dnb_A8_tensor2", "stage1_3", "v5p-64", remat_policy=DNB, grad_accum=4, mesh_shape="fsdp=16,tensor=2"),
+    _e("tune_none_A8", "stage1_3", "v5p-64", remat_policy="none", grad_accum=8),
+]
+
+# v5e / v6e alternatives (no cost-model time there: ranked by memory and the roofline bound).
+TUNING_V6E = [
+    _e("v6e64_s13_dnb_A8", "stage1_3", "v6e-64", remat_policy=DNB, grad_accum=8),
+]
+
+# UniGRPO: the policy update at the config's accumulation (4) against the plan's smaller one.
+TUNING_GRPO = [
+    _e("v5p32_grpo", "stage3_grpo", "v5p-32", remat_policy=DNB, grad_accum=4),
+    _e("v5p64_grpo", "stage3_grpo", "v5p-64", remat_policy=DNB, grad_accum=4),
+    _e("v5p64_grpo_mmu", "stage3_grpo_mmu", "v5p-64", remat_policy=DNB, grad_accum=4),
+    _e("v5p64_grpo_t2i", "stage3_grpo_t2i", "v5p-64", remat_policy=DNB, grad_accum=4),
+    _e("v5p128_grpo", "stage3_grpo", "v5p-128", remat_policy=DNB, grad_accum=4),
 ]
 
 _KEYS = {"remat_policy": "model.remat_policy", "grad_accum": "optimizer.grad_accum", "mesh_shape": "mesh_shape",
@@ -94,6 +113,8 @@ def command(entry: dict[str, Any]) -> list[str]:
          f"--topology={entry['topology']}"]
   for k, v in entry["overrides"].items():
     cmd.append(f"--config.{_KEYS[k]}={v}")
+  if not entry.get("twins", True):
+    cmd.append("--twins=false")
   return cmd
 
 
@@ -128,11 +149,15 @@ def _fmt_row(entry: dict[str, Any], r: dict[str, Any]) -> str:
   mem = f"{hbm / GIB:.1f} / {cap / GIB:.0f}" if hbm else "–"
   head = f"{100 * (1 - hbm / cap):.0f}%" if hbm else "–"
   secs = r.get("estimated_step_seconds")
-  mfu = f"{100 * r['estimated_mfu']:.1f}%" if r.get("estimated_mfu") else "n/a¹"
+  mfu = (f"{100 * r['estimated_mfu']:.1f}%" if r.get("estimated_mfu") else
+         "n/a¹" if r.get("cost_model_note") else "–")
+  cell = f"{mem} ({head} free)"
+  if not r["fits"]:
+    cell = f"needs {hbm / GIB:.0f} of {cap / GIB:.0f}" if hbm else "does not fit"
   roof = f"{100 * r['roofline_mfu_bound']:.0f}%" if r.get("roofline_mfu_bound") else "–"
   chunk = f", chunk {r['logits_chunk']}" if r.get("logits_chunk") else ""
   return (f"| {entry['variant']} | {r['topology']} ({r['chips']}) | {mesh} | {r['remat_policy']}{chunk} | "
-          f"{r['grad_accum']} × {r['rows_per_shard_micro']:g} | {r['seq_len']} | {mem} ({head} free) | "
+          f"{r['grad_accum']} × {r['rows_per_shard_micro']:g} | {r['seq_len']} | {cell} | "
           f"{'yes' if r['fits'] else 'NO'} | {f'{secs:.2f}' if secs else '–'} | {mfu} | {roof} |")
 
 
@@ -145,12 +170,12 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--out", default="runs/aot", help="Folder for the per-entry JSON reports.")
   ap.add_argument("--jobs", type=int, default=1, help="Compiles run in parallel (each ~1 core, 2-4 GB).")
   ap.add_argument("--only", default="", help="Comma-separated slice names or entry names to run.")
-  ap.add_argument("--grid", choices=("plan", "tuning", "all"), default="all")
+  ap.add_argument("--grid", choices=("plan", "tuning", "grpo", "v6e", "all"), default="all")
   a = ap.parse_args(argv)
   out = pathlib.Path(a.out)
   out.mkdir(parents=True, exist_ok=True)
-  grids = {"plan": PLAN, "tuning": TUNING}
-  chosen = [(g, e) for g in (("plan", "tuning") if a.grid == "all" else (a.grid,)) for e in grids[g]]
+  grids = {"plan": PLAN, "tuning": TUNING, "grpo": TUNING_GRPO, "v6e": TUNING_V6E}
+  chosen = [(g, e) for g in (tuple(grids) if a.grid == "all" else (a.grid,)) for e in grids[g]]
   only = {s.strip() for s in a.only.split(",") if s.strip()}
   if only:
     chosen = [(g, e) for g, e in chosen if e["topology"] in only or e["name"] in only]

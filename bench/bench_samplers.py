@@ -114,7 +114,20 @@ def main() -> None:
 
   params = init(jax.random.key(0))
   rng = np.random.default_rng(0)
-  prompt = rng.integers(200, 126000, (args.batch, args.prompt))
+  # Token ids: the real layout (image codes after the 126,349-token text vocabulary) when the
+  # model has the real vocabulary; otherwise image codes in the last codebook_size rows.
+  real = cfg.vocab_size >= IMAGE_TOKEN_OFFSET + cfg.codebook_size
+  offset = IMAGE_TOKEN_OFFSET if real else cfg.vocab_size - cfg.codebook_size
+  text_lo, text_hi = (200, 126000) if real else (4, offset - 3)
+  soi, eoi, uncond_id = (126084, 126085, 126093) if real else (offset - 3, offset - 2, offset - 1)
+  if text_hi - text_lo < 16:
+    raise SystemExit(f"bench_samplers: vocabulary of {cfg.vocab_size} is too small for the benchmark's prompts")
+
+  def text_ids(shape):
+    x = rng.integers(text_lo, text_hi, shape)
+    return np.where(x == cfg.mask_token_id, text_lo, x)
+
+  prompt = text_ids((args.batch, args.prompt))
   b, g = args.batch, args.gen
   out = {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
          "config": {"source": args.config or "flags", "d_model": cfg.d_model, "layers": cfg.n_layers,
@@ -146,12 +159,12 @@ def main() -> None:
   n, s = args.t2i_tokens, args.t2i_text
   total = s + n + 3
   ids = np.full((b, total), cfg.mask_token_id, np.int64)
-  ids[:, :s + 1] = rng.integers(200, 126000, (b, s + 1))
-  ids[:, s + 1], ids[:, -1] = 126084, 126085
+  ids[:, :s + 1] = text_ids((b, s + 1))
+  ids[:, s + 1], ids[:, -1] = soi, eoi
   uncond = ids.copy()
-  uncond[:, :s + 1] = 126093
+  uncond[:, :s + 1] = uncond_id
   t2i_kw = dict(uncond_input_ids=uncond, timesteps=args.t2i_steps, guidance_scale=args.t2i_guidance,
-                key=jax.random.key(1), image_token_offset=IMAGE_TOKEN_OFFSET)
+                key=jax.random.key(1), image_token_offset=offset)
   r, t, c = _timed(lambda: generate_image_tokens(params, cfg, ids, **t2i_kw).codes, args.repeats)
   out["t2i"] = {"batch": b, "image_tokens": n, "text_len": s, "timesteps": args.t2i_steps,
                 "guidance": args.t2i_guidance, "images_per_s": round(b / t, 3), "run_s": round(t, 3),

@@ -185,11 +185,13 @@ def make_topology_mesh(mesh_shape: str, devices: list[Any]) -> Mesh:
 @dataclasses.dataclass(frozen=True)
 class StepShapes:
   """What one optimizer step processes: global rows of ``length`` tokens; ``logit_positions``
-  per row where the LM head is applied (= length unless the loss projects fewer)."""
+  per row where the LM head is applied (= length unless the loss projects fewer), onto
+  ``head_vocab`` rows of the head (0 = the whole vocabulary; UniGRPO t2i: the image codebook)."""
   rows: int
   length: int
   grad_accum: int
   logit_positions: int
+  head_vocab: int = 0
 
 
 def _no_data(*_):
@@ -271,7 +273,8 @@ def abstract_stage(config: ConfigDict, model_cfg: MMaDAConfig, mesh: Mesh, param
     frozen = {"ref": params} if g.loss.needs_ref else None
     loss = functools.partial(grpo_loss_fn, model_cfg=model_cfg, loss_cfg=g.loss, vocab_range=vocab_range)
     stage = Stage(name=name, loss_fn=loss, make_batches=_no_data, sequences=_no_data)
-    return stage, batch, frozen, StepShapes(rows, length, acc, resp)
+    head = vocab_range[1] - vocab_range[0] if vocab_range else 0
+    return stage, batch, frozen, StepShapes(rows, length, acc, resp, head)
   raise ValueError(f"mmada_jax.aot: stage {name!r} has no abstract batch; known: pretrain, sft, grpo, unigrpo")
 
 
@@ -299,11 +302,14 @@ def _cost_dict(cost: Any) -> dict[str, float]:
   return {k: float(cost.get(k, 0.0)) for k in COST_KEYS}
 
 
-_OOM = re.compile(r"Used\s+([\d.]+)([KMGT]?)\s+of\s+([\d.]+)([KMGT]?)\s+hbm", re.I)
+_OOM = (re.compile(r"Used\s+([\d.]+)([KMGT]?)\s+of\s+([\d.]+)([KMGT]?)\s+hbm", re.I),
+        re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)",
+                   re.I))
 
 
 def _parse_oom(text: str) -> dict[str, float] | None:
-  m = _OOM.search(text)
+  """Bytes used and available from libtpu's out-of-memory messages (either form), else None."""
+  m = next((m for m in (p.search(text) for p in _OOM) if m), None)
   if not m:
     return None
   scale = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
@@ -383,10 +389,12 @@ def scaled_cost(one: dict[str, float], two: dict[str, float], opt: dict[str, flo
 
 def analytical_flops(cfg: MMaDAConfig, shapes: StepShapes) -> float:
   """Model FLOPs of one optimizer step (the trainer's MFU convention, ``metrics.flops_per_step``),
-  with the LM head counted only at the ``logit_positions`` per row where the loss applies it."""
+  with the LM head counted only at the ``logit_positions`` per row where the loss applies it and
+  only over the ``head_vocab`` rows it projects onto."""
   flops = metrics_lib.flops_per_step(cfg, shapes.rows, shapes.length)
   head = 6.0 * cfg.d_model * cfg.vocab_size
-  return flops - head * shapes.rows * (shapes.length - shapes.logit_positions)
+  used = 6.0 * cfg.d_model * (shapes.head_vocab or cfg.vocab_size)
+  return flops - head * shapes.rows * shapes.length + used * shapes.rows * shapes.logit_positions
 
 
 def estimate(config: ConfigDict, topo: Topology, *, devices: list[Any] | None = None,
@@ -410,6 +418,7 @@ def estimate(config: ConfigDict, topo: Topology, *, devices: list[Any] | None = 
       "scan_layers": model_cfg.scan_layers, "logits_chunk": int(config.stage.get("logits_chunk", 0)),
       "param_dtype": model_cfg.param_dtype, "dtype": model_cfg.dtype,
       "rows_per_step": sh.rows, "seq_len": sh.length, "logit_positions": sh.logit_positions,
+      "head_vocab": sh.head_vocab or model_cfg.vocab_size,
       "grad_accum": sh.grad_accum,
       "rows_per_shard_micro": sh.rows / sh.grad_accum / shards,
       "tokens_per_step": sh.rows * sh.length, "hbm_capacity_bytes": cap,

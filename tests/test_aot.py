@@ -94,3 +94,15 @@ def test_cli_json_fields(topo_devices):
   assert r["hbm_per_chip_bytes"] == m["argument"] + m["output"] + m["temp"] - m["alias"]
   assert r["step_flops"] > 0 and r["xla_step_flops"] > 0.5 * r["step_flops"]
   assert r["estimated_step_seconds"] > 0 and 0 < r["estimated_mfu"] < 1
+
+
+def test_out_of_memory_messages_are_read():
+  from mmada_jax import aot
+  gib = 2 ** 30
+  a = aot._parse_oom("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
+                     "Used 101.25G of 95.74G hbm. Exceeded hbm capacity by 5.51G.")
+  assert a == {"used_bytes": 101.25 * gib, "capacity_bytes": 95.74 * gib}
+  b = aot._parse_oom("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+                     "(176.97G) exceeds available HBM (95.74G).")
+  assert b == {"used_bytes": 176.97 * gib, "capacity_bytes": 95.74 * gib}
+  assert aot._parse_oom("INVALID_ARGUMENT: something else") is None

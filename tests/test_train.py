@@ -469,6 +469,10 @@ def test_8b_stage_configs():
   abstract, shard = state_lib.state_shardings(mcfg, tx, make_mesh("fsdp=4,tensor=2"))
   assert shard.params["wte"].spec == P("tensor", "fsdp")
   assert abstract.params["blocks"]["ff_out"].shape == (32, 12288, 4096)
+  from configs import mmada_1b   # the ~1B benchmark model: the 8B recipes, a smaller transformer
+  c1 = mmada_1b.get_config("stage1_3,devices=8")
+  assert abs(model_config(c1.model).num_params() - 1.09e9) < 0.01e9 and c1.init_from == ""
+  assert c1.data.t2i.batch_size == c.data.t2i.batch_size // 8
 
 
 def test_stage_hooks_pre_step_and_frozen_params(tmp_path):
