@@ -15,7 +15,7 @@ Grids:
   * ``plan``: the best settings found per (stage, slice), the docs/aot.md table;
   * ``tuning``: stage 1.3 on v5p-64 under each remat policy / accumulation / mesh tried;
   * ``grpo``: UniGRPO updates at the configs' accumulation of 4 (the plan uses less);
-  * ``v6e``: alternatives tried on v6e.
+  * ``alternatives``: other meshes / remat policies tried for stage 1.3 on v5e-256 and v6e-64.
 
 Needs the ``libtpu`` wheel (``pip install -r requirements-aot.txt``); every compile runs in its
 own ``JAX_PLATFORMS=cpu`` process (about 1–4 minutes and 2–4 GB of host memory each).
@@ -89,9 +89,14 @@ TUNING = [
     _e("tune_none_A8", "stage1_3", "v5p-64", remat_policy="none", grad_accum=8),
 ]
 
-# v5e / v6e alternatives (no cost-model time there: ranked by memory and the roofline bound).
-TUNING_V6E = [
-    _e("v6e64_s13_dnb_A8", "stage1_3", "v6e-64", remat_policy=DNB, grad_accum=8),
+# v5e / v6e alternatives for stage 1.3 (no cost-model time there: ranked by memory and the
+# roofline bound).
+ALTERNATIVES = [
+    _e("v5e256_s13_full_fsdp256_A1_chunk256", "stage1_3", "v5e-256", twins=False, remat_policy="full",
+       grad_accum=1, logits_chunk=256),
+    _e("v5e256_s13_full_t2_A2", "stage1_3", "v5e-256", twins=False, remat_policy="full", grad_accum=2,
+       mesh_shape="fsdp=128,tensor=2"),
+    _e("v6e64_s13_dnb_A4", "stage1_3", "v6e-64", twins=False, remat_policy=DNB, grad_accum=4),
 ]
 
 # UniGRPO: the policy update at the config's accumulation (4) against the plan's smaller one.
@@ -153,7 +158,7 @@ def _fmt_row(entry: dict[str, Any], r: dict[str, Any]) -> str:
          "n/a¹" if r.get("cost_model_note") else "–")
   cell = f"{mem} ({head} free)"
   if not r["fits"]:
-    cell = f"needs {hbm / GIB:.0f} of {cap / GIB:.0f}" if hbm else "does not fit"
+    cell = f"needs {hbm / GIB:.1f} of {cap / GIB:.1f}" if hbm else "does not fit"
   roof = f"{100 * r['roofline_mfu_bound']:.0f}%" if r.get("roofline_mfu_bound") else "–"
   chunk = f", chunk {r['logits_chunk']}" if r.get("logits_chunk") else ""
   return (f"| {entry['variant']} | {r['topology']} ({r['chips']}) | {mesh} | {r['remat_policy']}{chunk} | "
@@ -170,11 +175,11 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--out", default="runs/aot", help="Folder for the per-entry JSON reports.")
   ap.add_argument("--jobs", type=int, default=1, help="Compiles run in parallel (each ~1 core, 2-4 GB).")
   ap.add_argument("--only", default="", help="Comma-separated slice names or entry names to run.")
-  ap.add_argument("--grid", choices=("plan", "tuning", "grpo", "v6e", "all"), default="all")
+  ap.add_argument("--grid", choices=("plan", "tuning", "grpo", "alternatives", "all"), default="all")
   a = ap.parse_args(argv)
   out = pathlib.Path(a.out)
   out.mkdir(parents=True, exist_ok=True)
-  grids = {"plan": PLAN, "tuning": TUNING, "grpo": TUNING_GRPO, "v6e": TUNING_V6E}
+  grids = {"plan": PLAN, "tuning": TUNING, "grpo": TUNING_GRPO, "alternatives": ALTERNATIVES}
   chosen = [(g, e) for g in (tuple(grids) if a.grid == "all" else (a.grid,)) for e in grids[g]]
   only = {s.strip() for s in a.only.split(",") if s.strip()}
   if only:
