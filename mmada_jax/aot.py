@@ -128,6 +128,10 @@ class Topology:
     return (min(d[0], 2), min(d[1], 2), 1)
 
   def devices(self) -> list[Any]:
+    import os
+    # Describing a topology never claims a chip: let this process load libtpu even while another
+    # process (a run on this host, another AOT compile) holds libtpu's lockfile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
     desc = topologies.get_topology_desc(
         platform="tpu", topology_name=self.name, chip_config_name=self.gen.chip_config_name,
