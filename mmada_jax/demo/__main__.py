@@ -61,10 +61,13 @@ def _load_params(stage_dir: str, model_cfg):
   return checkpointing.load_init_params(stage_dir, model_cfg, abstract, None)
 
 
-def _evaluate_text(model, tok, records, gen_length: int = 16):
+def _evaluate_text(model, tok, records, gen_length: int = 16, block_length: int = 4):
+  """Greedy low-confidence decoding in semi-autoregressive blocks (measured on two seeds' SFT
+  models: blocks of 4 give 0.40–0.46 where one block of 16 gives 0.11–0.42, because the
+  trailing EOS padding is the most confident and gets committed before the answer)."""
   from mmada_jax.demo import evaluate
   out = model.generate_text([r["question"] for r in records], tokenizer=tok, gen_length=gen_length,
-                            block_length=gen_length, steps=gen_length)
+                            block_length=block_length, steps=gen_length)
   return evaluate.arithmetic_scores(out.texts, [r["answer"] for r in records]), out.texts
 
 
