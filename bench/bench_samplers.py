@@ -20,7 +20,6 @@ are kept.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import resource
 import time
@@ -37,31 +36,6 @@ def _timed(fn, repeats: int):
     out = jax.block_until_ready(fn())
     best = min(best, time.perf_counter() - t0)
   return out, best, first
-
-
-def load_config(spec: str):
-  """``path[:arg]`` of an ml_collections config file -> ``get_config(arg)``."""
-  path, _, arg = spec.partition(":")
-  mod_spec = importlib.util.spec_from_file_location("bench_config", path)
-  if mod_spec is None or mod_spec.loader is None:
-    raise SystemExit(f"--config: cannot load {path!r}")
-  mod = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(mod)
-  return mod.get_config(arg or None)
-
-
-def peak_device_memory() -> int | None:
-  """Largest ``peak_bytes_in_use`` over local devices, or None where the backend has no stats."""
-  import jax
-  vals = []
-  for d in jax.local_devices():
-    try:
-      v = (d.memory_stats() or {}).get("peak_bytes_in_use")
-    except Exception:  # noqa: BLE001 - CPU devices report no memory stats
-      v = None
-    if v is not None:
-      vals.append(int(v))
-  return max(vals) if vals else None
 
 
 def main() -> None:
@@ -95,8 +69,8 @@ def main() -> None:
   from mmada_jax.sampling.text import generate_text
 
   if args.config:
-    from mmada_jax.train.trainer import model_config
-    cfg = model_config(load_config(args.config).model)
+    from mmada_jax.train.trainer import load_config_file, model_config
+    cfg = model_config(load_config_file(args.config).model)
     args.t2i_tokens = cfg.num_vq_tokens
   else:
     cfg = MMaDAConfig(d_model=args.d_model, n_heads=args.heads, n_kv_heads=args.heads,
@@ -169,7 +143,8 @@ def main() -> None:
   out["t2i"] = {"batch": b, "image_tokens": n, "text_len": s, "timesteps": args.t2i_steps,
                 "guidance": args.t2i_guidance, "images_per_s": round(b / t, 3), "run_s": round(t, 3),
                 "first_call_s": round(c, 2)}
-  out["peak_device_memory_bytes"] = peak_device_memory()
+  from mmada_jax.train.metrics import peak_device_memory_bytes
+  out["peak_device_memory_bytes"] = peak_device_memory_bytes()
   out["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   print(json.dumps(out, indent=1))
 

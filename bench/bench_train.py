@@ -107,10 +107,8 @@ def run(config) -> dict:
     stage = aot_stage
     frozen = None
     if str(config.stage.name) in ("grpo", "unigrpo"):
-      from mmada_jax.rl.grpo import GRPOConfig, default_rl_config
-      rl = config.get("rl")
-      rl = dict(default_rl_config().to_dict(), **(rl.to_dict() if rl is not None else {}))
-      if GRPOConfig.from_config(rl).loss.needs_ref:
+      from mmada_jax.rl.grpo import GRPOConfig
+      if GRPOConfig.from_config(config.get("rl")).loss.needs_ref:
         with jax.set_mesh(mesh):
           frozen = {"ref": jax.jit(lambda p: jax.tree.map(lambda x: x + 0, p),
                                    out_shardings=shardings.params)(state.params)}
@@ -132,9 +130,7 @@ def run(config) -> dict:
   compile_s = time.perf_counter() - t0
   mem = None
   try:
-    m = compiled.memory_analysis()
-    mem = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes, "temp": m.temp_size_in_bytes,
-           "alias": m.alias_size_in_bytes}
+    mem = aot.memory_figures(compiled.memory_analysis())
   except Exception:  # noqa: BLE001 - not every backend reports it
     pass
 
@@ -154,13 +150,7 @@ def run(config) -> dict:
   dev = jax.devices()[0]
   peak = metrics_lib.peak_flops_per_device(dev.device_kind, float(config.peak_flops_per_device))
   flops = aot.analytical_flops(model_cfg, shapes)
-  peak_mem = None
-  try:
-    stats = [d.memory_stats() or {} for d in jax.local_devices()]
-    vals = [s.get("peak_bytes_in_use") for s in stats if s.get("peak_bytes_in_use") is not None]
-    peak_mem = max(vals) if vals else None
-  except Exception:  # noqa: BLE001 - CPU devices report no memory stats
-    pass
+  peak_mem = metrics_lib.peak_device_memory_bytes()
   return {
       "config": sys.argv[1:], "backend": jax.default_backend(), "device_kind": dev.device_kind,
       "devices": jax.device_count(), "mesh": dict(mesh.shape), "stage": str(config.stage.name),

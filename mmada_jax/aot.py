@@ -57,12 +57,12 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
 from mmada_jax.model.config import MMaDAConfig
 from mmada_jax.prompting.special_tokens import SpecialTokens
-from mmada_jax.sharding.rules import MESH_AXES, parse_mesh_shape
+from mmada_jax.sharding.rules import MESH_AXES, make_mesh
 from mmada_jax.train import metrics as metrics_lib
 from mmada_jax.train import optim, state as state_lib
 from mmada_jax.train.stages import MixedSpec, Stage, mixed_loss_fn
@@ -176,14 +176,6 @@ def _generation(word: str, spec: str) -> Generation:
   return GENERATIONS[key]
 
 
-def make_topology_mesh(mesh_shape: str, devices: list[Any]) -> Mesh:
-  """The trainer's (data, fsdp, tensor) mesh (``config.mesh_shape``) over the topology's devices,
-  laid out physically as ``jax.make_mesh`` does on a real slice."""
-  sizes = parse_mesh_shape(mesh_shape, len(devices))
-  dims = tuple(sizes[a] for a in MESH_AXES)
-  return jax.make_mesh(dims, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
-
-
 # ----------------------------------------------------------------------------- abstract stage + batch
 
 @dataclasses.dataclass(frozen=True)
@@ -251,10 +243,8 @@ def abstract_stage(config: ConfigDict, model_cfg: MMaDAConfig, mesh: Mesh, param
                   metric_names=("loss", "loss_t2i", "loss_lm", "loss_mmu"))
     return stage, batch, None, shapes
   if name in ("grpo", "unigrpo"):
-    from mmada_jax.rl.grpo import GRPOConfig, default_rl_config, grpo_loss_fn
-    rl = config.get("rl")
-    rl = dict(default_rl_config().to_dict(), **(rl.to_dict() if isinstance(rl, ConfigDict) else dict(rl or {})))
-    g = GRPOConfig.from_config(rl)
+    from mmada_jax.rl.grpo import GRPOConfig, grpo_loss_fn
+    g = GRPOConfig.from_config(config.get("rl"))
     sp = SpecialTokens()
     n_img = int(model_cfg.num_vq_tokens)
     if g.task == "t2i":
@@ -294,7 +284,8 @@ class Compiled:
   error: str = ""
 
 
-def _memory_dict(mem: Any) -> dict[str, int]:
+def memory_figures(mem: Any) -> dict[str, int]:
+  """Bytes per device of ``compiled.memory_analysis()``: argument, output, temp, alias, generated_code."""
   fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
             "generated_code_size_in_bytes")
   return {f.replace("_size_in_bytes", ""): int(getattr(mem, f)) for f in fields}
@@ -332,7 +323,7 @@ def _compile(fn, args: tuple, compiler_options: Mapping[str, Any] | None) -> Com
       raise
     return Compiled(time.perf_counter() - t0, oom=oom, error=text.strip().splitlines()[0][:500])
   out = Compiled(time.perf_counter() - t0)
-  out.memory = _memory_dict(compiled.memory_analysis())
+  out.memory = memory_figures(compiled.memory_analysis())
   out.cost = _cost_dict(compiled.cost_analysis())
   return out
 
@@ -407,7 +398,7 @@ def estimate(config: ConfigDict, topo: Topology, *, devices: list[Any] | None = 
   """Compiles the step of ``config`` for ``topo`` and returns the report dict (``--json`` fields)."""
   say = log or (lambda msg: None)
   devices = topo.devices() if devices is None else devices
-  mesh = make_topology_mesh(str(config.mesh_shape), devices)
+  mesh = make_mesh(str(config.mesh_shape), devices)
   model_cfg = model_config(config.model)
   say(f"compiling the {config.stage.name} step for {topo.name} ({topo.chips} chips), mesh {dict(mesh.shape)}")
   prog = compile_step(config, model_cfg, mesh, grpo_prompt_len=grpo_prompt_len, compiler_options=compiler_options)
@@ -480,7 +471,7 @@ def direct_cost(config: ConfigDict, topo: Topology, devices: list[Any], compiler
   """Per-chip cost of ``config``'s step compiled as is with windowed einsums off, scaled only by
   the gradient-accumulation trip count: exact when the layers are unrolled (``scan_layers=False``);
   the reference the twin estimate is checked against."""
-  mesh = make_topology_mesh(str(config.mesh_shape), devices)
+  mesh = make_mesh(str(config.mesh_shape), devices)
   opts = {**COST_TWIN_OPTIONS, **dict(compiler_options or {})}
   prog = compile_step(config, model_config(config.model), mesh, compiler_options=opts, **kw)
   opt = compile_optimizer(prog, mesh, opts).cost

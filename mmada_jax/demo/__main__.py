@@ -41,15 +41,9 @@ def _log(msg: str) -> None:
 
 
 def _stage_config(stage: str, data_json: str, steps: int, seed: int):
-  from ml_collections import config_flags  # noqa: F401  (same loader as the trainer's flag)
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("mmada_demo_config", CONFIG_FILE)
-  if spec is None or not os.path.isfile(CONFIG_FILE):
-    raise FileNotFoundError(f"the demo's stage configs are missing: {CONFIG_FILE}")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  from mmada_jax.train.trainer import load_config_file
   arg = f"{stage},data={data_json},seed={seed}" + (f",steps={steps}" if steps else "")
-  return module.get_config(arg)
+  return load_config_file(f"{CONFIG_FILE}:{arg}")
 
 
 def _load_params(stage_dir: str, model_cfg):

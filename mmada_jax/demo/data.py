@@ -195,13 +195,13 @@ def demo_model_config(tokenizer, codebook_size: int = 256, num_image_tokens: int
 
 
 def data_config(result: dict[str, Any], stage: str = "pretrain", batch_sizes: Sequence[int] = (16, 16, 16),
-                seed: int | None = None, mmu_cot_weight: float = 1.0):
+                seed: int | None = None):
   """The ``config.data`` section reading the built data with the grain pipeline.
 
   ``stage``: ``pretrain`` (t2i captions, lm plain text, mmu plain answers) or ``sft`` (mixed CoT:
-  t2i captions, lm_chat arithmetic CoT, mmu plain answers mixed with CoT answers to the
-  " Think first." questions at ``mmu_cot_weight`` : 1; 0 = plain only). ``batch_sizes`` are the
-  global rows per step of (t2i, lm, mmu); 0 turns a flow off.
+  t2i captions, lm_chat arithmetic CoT, mmu plain answers mixed 1:1 with CoT answers to the
+  " Think first." questions). ``batch_sizes`` are the global rows per step of (t2i, lm, mmu);
+  0 turns a flow off.
   """
   from mmada_jax.data.config import default_data_config
   if stage not in ("pretrain", "sft"):
@@ -222,9 +222,7 @@ def data_config(result: dict[str, Any], stage: str = "pretrain", batch_sizes: Se
     c.lm.path, c.lm.kind = p["lm_text"], "lm"
   else:
     c.lm.path, c.lm.kind = p["sft_chat"], "lm_chat"
-    if mmu_cot_weight > 0:
-      c.mmu.sources = [{"path": p["mmu_train"], "weight": 1.0},
-                       {"path": p["mmu_cot_train"], "weight": float(mmu_cot_weight)}]
+    c.mmu.sources = [{"path": p["mmu_train"], "weight": 1.0}, {"path": p["mmu_cot_train"], "weight": 1.0}]
   return c
 
 

@@ -12,7 +12,6 @@ import math
 from typing import Any, Mapping, Sequence
 
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -148,10 +147,9 @@ def parse_mesh_shape(spec: str | Mapping[str, int] | Sequence[tuple[str, int]] |
 
 
 def make_mesh(shape: str | Mapping[str, int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh with Auto axis types (GSPMD propagation)."""
+  """A (data, fsdp, tensor) mesh with Auto axis types (GSPMD propagation) over ``devices``
+  (default: all), laid out physically by ``jax.make_mesh`` (also for abstract TPU devices)."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = parse_mesh_shape(shape, len(devices))
   dims = tuple(sizes[a] for a in MESH_AXES)
-  if devices == list(jax.devices()):
-    return jax.make_mesh(dims, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-  return Mesh(np.asarray(devices).reshape(dims), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  return jax.make_mesh(dims, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)

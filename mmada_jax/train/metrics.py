@@ -45,6 +45,20 @@ def peak_flops_per_device(device_kind: str, override: float = 0.0) -> float | No
   return None
 
 
+def peak_device_memory_bytes() -> int | None:
+  """Largest ``memory_stats()['peak_bytes_in_use']`` over this process's devices (bytes), or None
+  where the backend keeps no statistics (CPU)."""
+  vals = []
+  for d in jax.local_devices():
+    try:
+      v = (d.memory_stats() or {}).get("peak_bytes_in_use")
+    except Exception:  # noqa: BLE001 - backends without memory statistics
+      v = None
+    if v is not None:
+      vals.append(int(v))
+  return max(vals) if vals else None
+
+
 def matmul_params(cfg: MMaDAConfig) -> int:
   norms = 2 * cfg.n_layers * cfg.d_model + cfg.d_model
   return cfg.num_params() - cfg.vocab_size * cfg.d_model - norms

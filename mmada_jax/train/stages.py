@@ -236,9 +236,10 @@ def mixed_loss_fn(params, batch, rng, frozen, *, model_cfg: MMaDAConfig, spec: M
   else:
     bias = training_attention_bias(lb["attention_mask"], sizes[0], mode="original_additive")
     out = transformer.forward(params, model_cfg, lb["input_ids"], attention_bias=bias, **kw)
-  logits, ce = out, None
-  if spec.logits_chunk > 0:
+  if spec.logits_chunk > 0:   # ``out`` is the final-norm hidden state
     logits, ce = None, chunked_cross_entropy(params, model_cfg, out, lb["labels"], spec.logits_chunk)
+  else:
+    logits, ce = out, None
   total, parts = losses.mixed_loss(
       logits, lb, ce=ce, batch_sizes=sizes, max_text_len=spec.max_text_len, mask_id=spec.mask_id,
       coeffs=losses.LossCoefficients(*spec.coeffs),

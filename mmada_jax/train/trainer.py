@@ -69,6 +69,19 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
+def load_config_file(spec: str) -> ConfigDict:
+  """``path/to/config.py[:arg]`` -> that file's ``get_config(arg)`` (what ``--config=`` names)."""
+  import importlib.util
+  path, sep, arg = spec.partition(".py:")
+  path = path + ".py" if sep else path
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file not found: {path}")
+  module_spec = importlib.util.spec_from_file_location("mmada_config_file", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
 def model_config(cfg: ConfigDict) -> MMaDAConfig:
   fields = {f.name for f in dataclasses.fields(MMaDAConfig)}
   unknown = sorted(set(cfg.keys()) - fields)
