@@ -1,18 +1,34 @@
-"""Logical axis names → mesh axes (data / fsdp / tensor).
+"""Logical axis names → mesh axes (data / fsdp / tensor), and the named rule presets.
 
 Model code names every parameter and main activation dimension with a *logical* axis
 (``vocab``, ``embed``, ``heads``, ``kv_heads``, ``head_dim``, ``mlp``, ``layers``, ``batch``,
 ``length`` and the activation names ``act_*``). A rule table maps each logical name to a mesh
 axis, a tuple of mesh axes, or ``None`` (replicated). A dimension that does not divide by the
-mesh axes it maps to is replicated instead (e.g. 4 kv heads on an 8-way tensor axis).
+mesh axes it maps to is replicated over them instead (e.g. 4 kv heads on an 8-way tensor axis);
+that is logged once per (logical name, size, mesh axes) as a warning on the
+``mmada_jax.sharding`` logger.
+
+Presets (``config.sharding_preset``; ``config.sharding_rules`` overrides entries of the preset):
+
+- ``fsdp_tp`` (default, ``DEFAULT_RULES``): batch over ``data×fsdp``; weights' ``embed`` dim
+  over ``fsdp`` (ZeRO-3 style), their ``vocab/heads/kv_heads/mlp`` dims and the matching
+  activations over ``tensor`` (Megatron tensor parallelism). Weights are replicated over
+  ``data``.
+- ``fsdp``: pure FSDP: batch over ``data×fsdp``, weights' ``embed`` over ``fsdp``, nothing over
+  ``tensor`` (use a mesh with ``tensor=1``; a larger tensor axis would only repeat work).
+- ``hsdp``: hybrid sharded data parallelism for multi-slice runs: ``data`` is the replica axis
+  across slices (only the gradient all-reduce crosses it; weights and optimizer state are
+  replicated over it), and within a slice ``fsdp×tensor`` together form one FSDP group: batch over
+  ``data×fsdp×tensor``, weights' ``embed`` over ``fsdp×tensor``, no tensor parallelism.
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Mapping, Sequence
 
 import jax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = tuple[tuple[str, Any], ...]
@@ -37,6 +53,51 @@ DEFAULT_RULES: Rules = (
     ("act_vocab", "tensor"),
 )
 
+_NO_TENSOR = {"vocab": None, "heads": None, "kv_heads": None, "mlp": None, "act_heads": None,
+              "act_kv_heads": None, "act_mlp": None, "act_vocab": None}
+_HSDP = dict(_NO_TENSOR, batch=("data", "fsdp", "tensor"), embed=("fsdp", "tensor"))
+PRESETS: dict[str, Rules] = {
+    "fsdp_tp": DEFAULT_RULES,
+    "fsdp": tuple((k, _NO_TENSOR.get(k, v)) for k, v in DEFAULT_RULES),
+    "hsdp": tuple((k, _HSDP.get(k, v)) for k, v in DEFAULT_RULES),
+}
+DEFAULT_PRESET = "fsdp_tp"
+
+log = logging.getLogger("mmada_jax.sharding")
+_warned: set[tuple[str, int, tuple[str, ...]]] = set()
+
+
+def _warn_replicated(name: str, size: int, axes: tuple[str, ...], mesh_shape: Mapping[str, int]) -> None:
+  """Logs (once per name, size and axes) that a dimension is replicated because it does not divide."""
+  key = (name, int(size), axes)
+  if key in _warned:
+    return
+  _warned.add(key)
+  sizes = ", ".join(f"{a}={mesh_shape[a]}" for a in axes)
+  log.warning("sharding: logical axis %r of size %d does not divide mesh axes %s (%s); that dimension "
+              "is replicated over %s", name, size, "+".join(axes), sizes, "them" if len(axes) > 1 else "it")
+
+
+def parse_rules(overrides: str = "", preset: str | Rules = DEFAULT_PRESET) -> Rules:
+  """The ``preset``'s rules (a name in ``PRESETS`` or a rules tuple) with ``"logical=axis[+axis],..."``
+  overrides applied (``none`` = replicated), e.g. ``"vocab=none,batch=data+fsdp"``."""
+  if isinstance(preset, str):
+    if preset not in PRESETS:
+      raise ValueError(f"unknown sharding preset {preset!r}; presets are {sorted(PRESETS)}")
+    preset = PRESETS[preset]
+  rules = dict(preset)
+  for item in [p.strip() for p in str(overrides or "").split(",") if p.strip()]:
+    name, sep, target = item.partition("=")
+    if not sep or name.strip() not in rules:
+      raise ValueError(f"config.sharding_rules entry {item!r}: expected logical=axis with a logical "
+                       f"name in {sorted(rules)}")
+    axes = tuple(a.strip() for a in target.split("+") if a.strip() and a.strip().lower() != "none")
+    bad = [a for a in axes if a not in MESH_AXES]
+    if bad:
+      raise ValueError(f"config.sharding_rules entry {item!r}: unknown mesh axes {bad}; axes are {MESH_AXES}")
+    rules[name.strip()] = None if not axes else (axes[0] if len(axes) == 1 else axes)
+  return tuple(rules.items())
+
 
 def rules_dict(rules: Rules | Mapping[str, Any] | None) -> dict[str, Any]:
   if rules is None:
@@ -53,6 +114,8 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules | Mapping[str, Any
   the dim size are dropped (that part of the dim stays replicated).
   """
   table = rules_dict(rules)
+  if shape is not None and len(shape) != len(names):
+    raise ValueError(f"logical axes {tuple(names)} do not match shape {tuple(shape)} (rank {len(shape)})")
   used: set[str] = set()
   out = []
   for i, name in enumerate(names):
@@ -64,6 +127,7 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules | Mapping[str, Any
     target = table[name]
     axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
     kept = []
+    dropped = []
     for ax in axes:
       if mesh_shape is not None and ax not in mesh_shape:
         continue
@@ -73,34 +137,28 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules | Mapping[str, Any
       if shape is not None and mesh_shape is not None:
         total = math.prod(mesh_shape[a] for a in kept) * size
         if shape[i] % total:
+          if size > 1:
+            dropped.append(ax)
           continue
       kept.append(ax)
+    if dropped:
+      _warn_replicated(name, shape[i], tuple(dropped), mesh_shape)
     used.update(kept)
     out.append(None if not kept else (kept[0] if len(kept) == 1 else tuple(kept)))
   return P(*out)
 
 
-def constrain(x: jax.Array, names: Sequence[str | None], rules: Rules | None = None) -> jax.Array:
-  """Sharding constraint on an activation by logical names; a no-op outside a mesh context."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return x
-  spec = logical_to_spec(names, rules, dict(mesh.shape), x.shape)
-  return jax.lax.with_sharding_constraint(x, spec)
-
-
 def param_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
-  """NamedShardings for a pytree of arrays (or ShapeDtypeStructs) given their logical axes."""
-  mesh_shape = dict(mesh.shape)
-  return jax.tree.map(
-      lambda names, leaf: NamedSharding(mesh, logical_to_spec(names, rules, mesh_shape, leaf.shape)),
-      axes_tree, shapes_tree, is_leaf=lambda t: isinstance(t, tuple))
+  """NamedShardings for a pytree of arrays (or ShapeDtypeStructs) given their logical axes
+  (``ShardingContext(mesh, rules).param_shardings``)."""
+  from mmada_jax.sharding.context import ShardingContext
+  return ShardingContext(mesh, rules).param_shardings(axes_tree, shapes_tree)
 
 
 def shard_params(params: Any, axes_tree: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
-  """Places ``params`` on ``mesh`` according to their logical axes, leaf by leaf."""
-  shardings = param_shardings(axes_tree, params, mesh, rules)
-  return jax.tree.map(jax.device_put, params, shardings)
+  """Places ``params`` on ``mesh`` according to their logical axes (``ShardingContext.place``)."""
+  from mmada_jax.sharding.context import ShardingContext
+  return ShardingContext(mesh, rules).place(params, axes_tree)
 
 
 def parse_mesh_shape(spec: str | Mapping[str, int] | Sequence[tuple[str, int]] | None,
