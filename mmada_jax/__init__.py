@@ -3,7 +3,7 @@
 Public API::
 
   from mmada_jax import MMaDA, ImageTokenizer
-  model = MMaDA.from_pretrained(path, dtype="float32")
+  model = MMaDA.from_pretrained(path, param_dtype="bfloat16", dtype="bfloat16")
   logits = model.logits(input_ids)
   tok = ImageTokenizer.from_pretrained(path)
 """
@@ -12,9 +12,10 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
-    "MMaDA": ("mmada_jax.model.mmada", "MMaDA"),
+    "MMaDA": ("mmada_jax.api.model", "MMaDA"),
     "MMaDAConfig": ("mmada_jax.model.config", "MMaDAConfig"),
-    "ImageTokenizer": ("mmada_jax.image_tokenizer", "ImageTokenizer"),
+    "ImageTokenizer": ("mmada_jax.api.image_tokenizer", "ImageTokenizer"),
+    "GenerationConfig": ("mmada_jax.api.generation_config", "GenerationConfig"),
 }
 
 
@@ -27,3 +28,27 @@ def __getattr__(name: str):
 
 
 __all__ = list(_LAZY)
+
+
+def _map_checkout_configs() -> None:
+  """``mmada_jax.configs`` is the top-level ``configs/`` (setup.py's ``package_dir``). Installs
+  map it; a source checkout imported as itself (its own directory first on ``sys.path``, e.g.
+  ``python -m pytest`` there beside a non-editable install) gets the same mapping here."""
+  import os
+  import sys
+  here = os.path.dirname(os.path.abspath(__file__))
+  root = os.path.dirname(here)
+  init = os.path.join(root, "configs", "__init__.py")
+  if ("mmada_jax.configs" in sys.modules or os.path.isdir(os.path.join(here, "configs"))
+      or not (os.path.isfile(init) and os.path.isfile(os.path.join(root, "setup.py")))):
+    return   # an installed wheel (configs inside the package), or not a checkout
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("mmada_jax.configs", init,
+                                                submodule_search_locations=[os.path.dirname(init)])
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module
+  spec.loader.exec_module(module)
+  globals()["configs"] = module
+
+
+_map_checkout_configs()

@@ -121,3 +121,17 @@ def test_export_refuses_to_overwrite(tiny_mmada_dir, tmp_path):
   (tmp_path / "dst" / "keep.txt").write_text("user data")
   assert convert_main(["to-hf", str(tiny_mmada_dir), str(tmp_path / "dst")]) == 2
   assert (tmp_path / "dst" / "keep.txt").read_text() == "user data"
+
+
+def test_converter_carries_the_generation_config(tiny_mmada_dir, tmp_path):
+  from mmada_jax import GenerationConfig
+  model = MMaDA.from_pretrained(tiny_mmada_dir)
+  gc = GenerationConfig(max_text_len=14, num_vq_tokens=16, t2i_steps=4)
+  MMaDA(model.params, model.config, hf_config=model.hf_config, generation_config=gc).save_pretrained(tmp_path / "o")
+  assert convert_main(["to-hf", str(tmp_path / "o"), str(tmp_path / "hf")]) == 0
+  assert convert_main(["to-orbax", str(tmp_path / "hf"), str(tmp_path / "o2")]) == 0
+  for d in ("hf", "o2"):
+    assert MMaDA.from_pretrained(tmp_path / d).generation_config == gc
+  # An original directory has none (only transformers' fields): none is invented on conversion.
+  assert convert_main(["to-orbax", str(tiny_mmada_dir), str(tmp_path / "o3")]) == 0
+  assert not (tmp_path / "o3" / "generation_config.json").exists()

@@ -11,7 +11,9 @@ import pytest
 from jax.sharding import Mesh
 
 from mmada_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsReader
-from mmada_jax.image_tokenizer import ImageTokenizer, MagvitConfig, VQGANConfig, convert, lfq
+from mmada_jax.api.image_tokenizer import ImageTokenizer
+from mmada_jax.checkpoint import magvit
+from mmada_jax.image_tokenizer import MagvitConfig, VQGANConfig, lfq
 from mmada_jax.image_tokenizer.modules import MagvitModel
 
 
@@ -41,8 +43,8 @@ def encoded(tok, case):
 def test_state_dict_layout_matches_fixture(tiny_magvit_dir, tok):
   """Keys and shapes derived from the config (incl. decoder channel order) equal the original's."""
   entries = json.loads((tiny_magvit_dir / "state_dict_keys.json").read_text())
-  want = {k: tuple(s) for k, s, _ in entries if k not in convert.BUFFER_KEYS}
-  assert convert.expected_state_dict_shapes(tok.config) == want
+  want = {k: tuple(s) for k, s, _ in entries if k not in magvit.BUFFER_KEYS}
+  assert magvit.expected_state_dict_shapes(tok.config) == want
   assert tok.config.class_name == "TinyMAGVITv2" and tok.config.downsample_factor == 8
 
 
@@ -129,6 +131,43 @@ def test_save_load_roundtrip_bit_exact(tok, tiny_magvit_dir, tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_dtypes_formats_and_overwrite(tok, tiny_magvit_dir, case, encoded, tmp_path):
+  """param_dtype = storage, dtype = compute (Flax); one save format ("hf"); no silent overwrite."""
+  assert tok.param_dtype == jnp.float32 and tok.dtype == jnp.float32
+  mixed = ImageTokenizer.from_pretrained(str(tiny_magvit_dir), dtype="bfloat16")
+  assert mixed.param_dtype == jnp.float32 and mixed.dtype == jnp.bfloat16
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(mixed.params))
+  assert np.asarray(mixed.encode(nhwc(case["in/images"]))).shape == encoded["codes"].shape
+  bf = ImageTokenizer.from_pretrained(str(tiny_magvit_dir), param_dtype="bfloat16")
+  assert bf.param_dtype == jnp.bfloat16 and bf.dtype == jnp.bfloat16
+  tok.save_pretrained(tmp_path / "bf", param_dtype="bfloat16")
+  with SafetensorsReader(str(tmp_path / "bf")) as r:
+    assert r.dtype("encoder.conv_in.weight") == "BF16" and r.dtype("quantize.power_vals") == "I64"
+  assert ImageTokenizer.from_pretrained(tmp_path / "bf").param_dtype == jnp.bfloat16    # as stored
+  with pytest.raises(FileExistsError, match="overwrite=True"):
+    tok.save_pretrained(tmp_path / "bf")
+  tok.save_pretrained(tmp_path / "bf", overwrite=True)
+  assert ImageTokenizer.from_pretrained(tmp_path / "bf").param_dtype == jnp.float32
+  with pytest.raises(ValueError, match="supported: \\('hf',\\)"):
+    tok.save_pretrained(tmp_path / "o", format="orbax")
+  with pytest.raises(TypeError, match="unexpected keyword"):
+    ImageTokenizer.from_pretrained(str(tiny_magvit_dir), remat=True)
+  with pytest.raises(FileNotFoundError, match="image tokenizer directory not found"):
+    ImageTokenizer.from_pretrained(tmp_path / "missing")
+
+
+def test_init_seed_and_deprecated_key():
+  cfg = MagvitConfig(encoder=VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=(1, 1), attn_resolutions=(),
+                                         resolution=8, z_channels=4), codebook_dim=4,
+                     decoder=VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=(1, 1), attn_resolutions=(),
+                                         resolution=8, z_channels=4))
+  a = ImageTokenizer.init(cfg, 3)
+  with pytest.warns(DeprecationWarning, match="key= is deprecated"):
+    b = ImageTokenizer.init(cfg, key=jax.random.key(3))
+  for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 # ---- input and config errors --------------------------------------------------------------------
 
 def test_bad_inputs_raise(tok):
@@ -173,7 +212,7 @@ def test_config_validation(tiny_magvit_dir):
 def test_default_512_matches_released_layout():
   cfg = MagvitConfig.from_hf_config({"_class_name": "MAGVITv2", "_diffusers_version": "0.27.2"})
   assert cfg == MagvitConfig.default_512()
-  shapes = convert.expected_state_dict_shapes(cfg)
+  shapes = magvit.expected_state_dict_shapes(cfg)
   assert len(shapes) == 380
   n_enc = sum(int(np.prod(s)) for k, s in shapes.items() if k.startswith("encoder."))
   n_dec = sum(int(np.prod(s)) for k, s in shapes.items() if k.startswith("decoder."))
@@ -187,20 +226,20 @@ def test_default_512_matches_released_layout():
 
 
 def test_checkpoint_errors(tok):
-  sd = convert.state_dict_from_params(tok.config, tok.params)
+  sd = magvit.state_dict_from_params(tok.config, tok.params)
   bad = dict(sd)
   del bad["decoder.up.1.block.1.conv2.bias"]
   with pytest.raises(CheckpointError, match=r"decoder\.up\.1\.block\.1\.conv2\.bias"):
-    convert.params_from_state_dict(tok.config, bad)
+    magvit.params_from_state_dict(tok.config, bad)
   bad = dict(sd, **{"encoder.conv_out.weight": np.zeros((13, 32, 3, 3), np.float32)})
   with pytest.raises(CheckpointError, match=r"encoder\.conv_out\.weight.*\(13, 32, 3, 3\)"):
-    convert.params_from_state_dict(tok.config, bad)
+    magvit.params_from_state_dict(tok.config, bad)
   bad = dict(sd, **{"encoder.down.0.attn.0.q.weight": np.zeros((32, 32, 1, 1), np.float32)})
   with pytest.raises(CheckpointError, match=r"unexpected tensor 'encoder\.down\.0\.attn\.0\.q\.weight'"):
-    convert.params_from_state_dict(tok.config, bad)
+    magvit.params_from_state_dict(tok.config, bad)
   bad = dict(sd, **{"quantize.power_vals": np.arange(13)})
   with pytest.raises(CheckpointError, match="power_vals"):
-    convert.params_from_state_dict(tok.config, bad)
+    magvit.params_from_state_dict(tok.config, bad)
 
 
 # ---- a random model with attention inside the levels, against a numpy NCHW reference -----------
@@ -296,7 +335,7 @@ def attn_tok() -> ImageTokenizer:
 
 
 def test_level_attention_layout(attn_tok):
-  shapes = convert.expected_state_dict_shapes(attn_tok.config)
+  shapes = magvit.expected_state_dict_shapes(attn_tok.config)
   enc_attn = sorted({k.split(".attn.")[0] + ".attn." + k.split(".attn.")[1].split(".")[0]
                      for k in shapes if k.startswith("encoder.down") and ".attn." in k})
   dec_attn = sorted({k.split(".attn.")[0] + ".attn." + k.split(".attn.")[1].split(".")[0]
@@ -308,7 +347,7 @@ def test_level_attention_layout(attn_tok):
 
 def test_level_attention_numerics_and_roundtrip(attn_tok, tmp_path):
   x = np.asarray(jax.random.uniform(jax.random.PRNGKey(5), (2, 16, 16, 3), minval=-1, maxval=1))
-  enc_ref, dec_ref = _np_reference(convert.state_dict_from_params(ATTN_CONFIG, attn_tok.params), ATTN_CONFIG)
+  enc_ref, dec_ref = _np_reference(magvit.state_dict_from_params(ATTN_CONFIG, attn_tok.params), ATTN_CONFIG)
   latent = np.asarray(attn_tok.encode_latent(x))
   assert latent.shape == (2, 4, 4, 13)
   np.testing.assert_allclose(latent, nhwc(enc_ref(x.transpose(0, 3, 1, 2))), rtol=1e-4, atol=1e-4)

@@ -44,3 +44,10 @@ def test_fails_when_tokenizer_weights_change(tiny_magvit_dir, tmp_path, capsys):
 
 def test_not_a_fixture_folder(tmp_path):
   assert parity_main([str(tmp_path)]) == 1
+
+
+def test_a_folder_of_fixture_folders_expands(tiny_mmada_dir, tiny_magvit_dir, tmp_path):
+  from mmada_jax.parity import expand_dirs
+  assert expand_dirs(str(tiny_mmada_dir.parent)) == sorted([str(tiny_magvit_dir), str(tiny_mmada_dir)])
+  assert expand_dirs(str(tiny_mmada_dir)) == [str(tiny_mmada_dir)]
+  assert expand_dirs(str(tmp_path)) == [str(tmp_path)]      # then reported as not a fixture folder

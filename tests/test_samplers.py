@@ -6,10 +6,11 @@ import pytest
 
 from mmada_jax.checkpoint.hf_mmada import load_hf_checkpoint
 from mmada_jax.model import transformer
-from mmada_jax.sampling import replay, schedules
+from mmada_jax.parity import replay
+from mmada_jax.sampling import schedules
 from mmada_jax.sampling.cache import generate_text_cached, window_logits
-from mmada_jax.sampling.t2i import generate_image_tokens
-from mmada_jax.sampling.text import _generate_core, generate_text
+from mmada_jax.sampling.t2i import _generate_image_tokens, generate_image_tokens
+from mmada_jax.sampling.text import _generate_core, _generate_text, generate_text
 
 MASK = 126336
 
@@ -44,10 +45,10 @@ def test_t2i_gen_fixture_exact(model, cases, name):
 def test_t2i_default_uncond_prefix_is_text_prefix(model, cases):
   params, cfg = model
   inp, out = "t2i_gen/in", "t2i_gen/out/cfg2_t6"
-  s = generate_image_tokens(
+  s = _generate_image_tokens(
       params, cfg, cases[f"{inp}/input_ids"], attention_mask=cases[f"{inp}/attention_mask"],
       uncond_input_ids=cases[f"{inp}/uncond_input_ids"],
-      uncond_attention_mask=cases[f"{inp}/uncond_attention_mask"], timesteps=6, guidance_scale=2.0,
+      uncond_attention_mask=cases[f"{inp}/uncond_attention_mask"], steps=6, guidance_scale=2.0,
       temperature=1.0, num_vq_tokens=16, multinomial_tape=cases[f"{out}.multinomial"],
       gumbel_tape=cases[f"{out}.gumbel"])
   np.testing.assert_array_equal(np.asarray(s.codes), cases[f"{out}.sampled_ids"])
@@ -56,7 +57,7 @@ def test_t2i_default_uncond_prefix_is_text_prefix(model, cases):
 def test_text_sampler_is_one_program_and_rows_independent(model, cases):
   params, cfg = model
   prompt = cases["text_gen/in/prompt"]
-  kw = dict(gen_length=8, block_length=4, steps=4, temperature=0.7, key=jax.random.key(3))
+  kw = dict(gen_length=8, block_length=4, steps=4, temperature=0.7, seed=jax.random.key(3))
   both = generate_text(params, cfg, prompt, **kw)
   size = _generate_core._cache_size()
   # New prompt values, same shapes: no recompilation.
@@ -79,7 +80,7 @@ def test_cache_none_equals_plain(model, cases, name):
   s = replay.TEXT_SETTINGS[name]
   am = cases[f"text_gen/out/{name}.attention_mask"] if s.padded else None
   kw = dict(gen_length=s.gen_length, block_length=s.block_length, steps=s.steps,
-            cfg_scale=s.cfg_scale, attention_mask=am, return_trajectory=True)
+            guidance_scale=s.guidance_scale, attention_mask=am, return_trajectory=True)
   prompt = cases[f"text_gen/in/{s.prompt}"]
   for extra in (dict(threshold=None), dict(threshold=1e9, min_transfer="schedule")):
     r = generate_text_cached(params, cfg, prompt, cache="none", **extra, **kw)
@@ -93,8 +94,8 @@ def test_cache_none_equals_plain_with_noise(model, cases):
   prompt = cases["text_gen/in/prompt"]
   key = jax.random.key(7)
   for kw in (dict(temperature=1.0), dict(remasking="random")):
-    a = generate_text(params, cfg, prompt, gen_length=8, block_length=4, steps=4, key=key, **kw)
-    b = generate_text_cached(params, cfg, prompt, gen_length=8, block_length=4, steps=4, key=key,
+    a = generate_text(params, cfg, prompt, gen_length=8, block_length=4, steps=4, seed=key, **kw)
+    b = generate_text_cached(params, cfg, prompt, gen_length=8, block_length=4, steps=4, seed=key,
                              cache="none", **kw)
     np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
 
@@ -148,10 +149,12 @@ def test_t2i_with_key(model, cases):
   s = generate_image_tokens(
       params, cfg, cases[f"{inp}/input_ids"], attention_mask=cases[f"{inp}/attention_mask"],
       uncond_input_ids=cases[f"{inp}/uncond_input_ids"],
-      uncond_attention_mask=cases[f"{inp}/uncond_attention_mask"], timesteps=4, guidance_scale=1.5,
-      num_vq_tokens=16, key=jax.random.key(0), compound_temperature=False, return_trajectory=True)
+      uncond_attention_mask=cases[f"{inp}/uncond_attention_mask"], steps=4, guidance_scale=1.5,
+      num_vq_tokens=16, seed=jax.random.key(0), compound_temperature=False, return_trajectory=True)
   codes, ids = np.asarray(s.codes), np.asarray(s.input_ids)
-  assert codes.shape == (2, 16) and codes.min() >= 0 and codes.max() < 8192
+  # (codes are drawn over the codebook's logits only, so their range cannot fail.) Sampled, not
+  # the loop's zero-initialised buffer: many distinct codes.
+  assert codes.shape == (2, 16) and len(np.unique(codes)) > 8
   slots = ids[:, -17:-1]
   np.testing.assert_array_equal(np.where(slots == MASK, codes, slots - 126349), codes)
   assert s.trajectory.shape == (4, 4, 33)
@@ -178,19 +181,54 @@ def test_invalid_settings_raise(model, cases):
     g = cfg.max_sequence_length
     generate_text(params, cfg, prompt, gen_length=g, block_length=g, steps=8)
   with pytest.raises(ValueError, match="PRNG key or a rand_tape"):
-    generate_text(params, cfg, prompt, gen_length=8, block_length=4, steps=4, remasking="random")
+    _generate_text(params, cfg, prompt, gen_length=8, block_length=4, steps=4, remasking="random")
   with pytest.raises(ValueError, match="remasking"):
     generate_text(params, cfg, prompt, gen_length=8, block_length=4, steps=4, remasking="top")
   with pytest.raises(ValueError, match="threshold decoding"):
     generate_text_cached(params, cfg, prompt, gen_length=8, block_length=4, steps=4, remasking="random",
-                         threshold=0.9, key=jax.random.key(0))
+                         threshold=0.9, seed=jax.random.key(0))
   with pytest.raises(ValueError, match="cache="):
     generate_text_cached(params, cfg, prompt, gen_length=8, block_length=4, steps=4, cache="full")
   ids = cases["t2i_gen/in/input_ids"]
   with pytest.raises(ValueError, match="needs uncond_input_ids"):
-    generate_image_tokens(params, cfg, ids, guidance_scale=2.0, num_vq_tokens=16, key=jax.random.key(0))
+    generate_image_tokens(params, cfg, ids, guidance_scale=2.0, num_vq_tokens=16, seed=jax.random.key(0))
   with pytest.raises(ValueError, match="PRNG key or the multinomial"):
-    generate_image_tokens(params, cfg, ids, num_vq_tokens=16)
+    _generate_image_tokens(params, cfg, ids, num_vq_tokens=16)
   with pytest.raises(ValueError, match="gumbel_tape must be"):
-    generate_image_tokens(params, cfg, ids, num_vq_tokens=16, timesteps=4,
-                          multinomial_tape=np.zeros((4, 32), np.int64), gumbel_tape=np.zeros((4, 2, 8)))
+    _generate_image_tokens(params, cfg, ids, num_vq_tokens=16, steps=4,
+                           multinomial_tape=np.zeros((4, 32), np.int64), gumbel_tape=np.zeros((4, 2, 8)))
+  with pytest.raises(TypeError, match="seed must be an int or a jax PRNG key"):
+    generate_text(params, cfg, prompt, gen_length=8, block_length=4, steps=4, seed="zero")
+  with pytest.raises(TypeError, match="no longer accepts rand_tape="):
+    generate_text(params, cfg, prompt, gen_length=8, block_length=4, steps=4, rand_tape=np.zeros((4, 2, 20)))
+  with pytest.raises(TypeError, match="no longer accepts multinomial_tape="):
+    generate_image_tokens(params, cfg, ids, num_vq_tokens=16, multinomial_tape=np.zeros((4, 32)))
+  with pytest.raises(TypeError, match="unexpected keyword argument 'stepz'"):
+    generate_image_tokens(params, cfg, ids, num_vq_tokens=16, stepz=4)
+  with pytest.raises(TypeError, match="both guidance_scale= and its deprecated alias cfg_scale="):
+    generate_text(params, cfg, prompt, gen_length=8, block_length=4, steps=4, guidance_scale=1.0, cfg_scale=1.0)
+
+
+def test_deprecated_sampler_aliases_warn_and_match(model, cases):
+  """cfg_scale= / key= (text samplers) and timesteps= / key= (t2i) still work for one release."""
+  params, cfg = model
+  prompt = cases["text_gen/in/prompt"]
+  kw = dict(gen_length=8, block_length=4, steps=4, temperature=1.0)
+  new = generate_text(params, cfg, prompt, guidance_scale=1.0, seed=jax.random.key(5), **kw)
+  with pytest.warns(DeprecationWarning, match="cfg_scale= is deprecated"):
+    old = generate_text(params, cfg, prompt, cfg_scale=1.0, key=jax.random.key(5), **kw)
+  np.testing.assert_array_equal(np.asarray(old.tokens), np.asarray(new.tokens))
+  with pytest.warns(DeprecationWarning, match="key= is deprecated"):
+    old = generate_text_cached(params, cfg, prompt, cache="prefix", key=jax.random.key(5), **kw)
+  new = generate_text_cached(params, cfg, prompt, cache="prefix", seed=jax.random.key(5), **kw)
+  np.testing.assert_array_equal(np.asarray(old.tokens), np.asarray(new.tokens))
+  # An int seed is jax.random.key(seed).
+  a = generate_text(params, cfg, prompt, seed=3, **kw)
+  b = generate_text(params, cfg, prompt, seed=jax.random.key(3), **kw)
+  np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+  inp = "t2i_gen/in"
+  t2i = dict(attention_mask=cases[f"{inp}/attention_mask"], num_vq_tokens=16)
+  new = generate_image_tokens(params, cfg, cases[f"{inp}/input_ids"], steps=3, seed=4, **t2i)
+  with pytest.warns(DeprecationWarning, match="timesteps= is deprecated"):
+    old = generate_image_tokens(params, cfg, cases[f"{inp}/input_ids"], timesteps=3, key=jax.random.key(4), **t2i)
+  np.testing.assert_array_equal(np.asarray(old.codes), np.asarray(new.codes))

@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import ml_dtypes
 import numpy as np
 
+from mmada_jax.checkpoint import generation_file
 from mmada_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsReader, write_safetensors
 from mmada_jax.model import transformer
 from mmada_jax.model.config import MMaDAConfig, canonical_dtype
+from mmada_jax.sharding import ShardingContext
 
 PREFIX = "model.transformer."
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -118,6 +120,7 @@ def load_hf_checkpoint(path: str, dtype: str | None = "float32", *, mesh: jax.sh
   axes = transformer.param_axes(cfg)
   shapes = transformer.param_shapes(cfg)
   expected = original_shapes(cfg)
+  sharding = ShardingContext(mesh, rules)
 
   with SafetensorsReader(path) as reader:
     unexpected = sorted(set(reader.keys()) - set(expected))
@@ -140,9 +143,7 @@ def load_hf_checkpoint(path: str, dtype: str | None = "float32", *, mesh: jax.sh
         return arr
       if mesh is None:
         return jax.device_put(arr)
-      from mmada_jax.sharding.rules import logical_to_spec
-      spec = logical_to_spec(names, rules, dict(mesh.shape), arr.shape)
-      return jax.device_put(arr, jax.sharding.NamedSharding(mesh, spec))
+      return jax.device_put(arr, sharding.sharding(names, arr.shape))
 
     jobs: list[tuple[str, Callable[[], jax.Array]]] = []
     for top, key, name in (("wte", f"{PREFIX}wte.weight", "wte"), ("ln_f", f"{PREFIX}ln_f.weight", "ln_f"),
@@ -191,8 +192,10 @@ def iter_original_tensors(params: dict[str, Any], cfg: MMaDAConfig, dtype: str |
 
 def save_hf_checkpoint(params: dict[str, Any], cfg: MMaDAConfig, out_dir: str, *,
                        dtype: str | None = None, base_config: dict[str, Any] | None = None,
+                       generation_config: Mapping[str, Any] | None = None,
                        max_shard_bytes: int = 5 * 2**30, progress: bool = False) -> list[str]:
-  """Writes the original layout: config.json + model.safetensors (or shards + index)."""
+  """Writes the original layout: config.json + model.safetensors (or shards + index), and
+  generation_config.json with the ``generation_config`` section when given."""
   transformer.check_params(params, cfg)
   out_dtype = canonical_dtype(dtype or cfg.param_dtype)
   tensors = iter_original_tensors(params, cfg, out_dtype)
@@ -207,4 +210,8 @@ def save_hf_checkpoint(params: dict[str, Any], cfg: MMaDAConfig, out_dir: str, *
   with open(tmp, "w") as f:
     json.dump(hf, f, indent=2, sort_keys=True)
   os.replace(tmp, os.path.join(out_dir, "config.json"))
-  return files + ["config.json"]
+  files.append("config.json")
+  if generation_config is not None:
+    generation_file.write(out_dir, generation_config, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
+    files.append(generation_file.FILE_NAME)
+  return files

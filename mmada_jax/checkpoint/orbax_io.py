@@ -4,6 +4,8 @@ Layout of a model directory::
 
   DIR/config.json      the original's config.json fields (architecture; read by MMaDAConfig)
   DIR/params/          Orbax StandardCheckpointer pytree (tensorstore/zarr, one array per leaf)
+  DIR/generation_config.json
+                       optional: prompt layout and sampler defaults (``generation_file``)
   DIR/mmada_jax.json   {"format": "mmada_jax.params", "version": 1, "param_dtype": ...}; written
                        last, so a directory without it is an incomplete save and is refused.
 
@@ -15,15 +17,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
 
+from mmada_jax.checkpoint import generation_file
 from mmada_jax.checkpoint.safetensors_io import CheckpointError
 from mmada_jax.model import transformer
 from mmada_jax.model.config import MMaDAConfig, canonical_dtype
-from mmada_jax.sharding.rules import param_shardings
+from mmada_jax.sharding import ShardingContext
 
 MARKER = "mmada_jax.json"
 FORMAT = "mmada_jax.params"
@@ -34,8 +37,10 @@ def is_orbax_model_dir(path: str) -> bool:
 
 
 def save_params(params: Any, cfg: MMaDAConfig, path: str, *, hf_config: dict[str, Any] | None = None,
-                overwrite: bool = False, save_concurrent_gb: int = 1) -> None:
-  """Saves params + config to ``path`` atomically (a temp directory renamed at the end)."""
+                generation_config: Mapping[str, Any] | None = None, overwrite: bool = False,
+                save_concurrent_gb: int = 1) -> None:
+  """Saves params + config (+ the ``generation_config`` section, when given) to ``path``
+  atomically (a temp directory renamed at the end)."""
   transformer.check_params(params, cfg)
   path = os.path.abspath(path)
   if os.path.exists(path) and os.listdir(path) and not overwrite:
@@ -53,6 +58,8 @@ def save_params(params: Any, cfg: MMaDAConfig, path: str, *, hf_config: dict[str
     hf.update(cfg.to_hf_config())
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf, f, indent=2, sort_keys=True)
+    if generation_config is not None:
+      generation_file.write(tmp, generation_config, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
     with open(os.path.join(tmp, MARKER), "w") as f:
       json.dump({"format": FORMAT, "version": 1, "param_dtype": cfg.param_dtype,
                  "n_params": cfg.num_params()}, f, indent=2)
@@ -90,7 +97,7 @@ def load_params(path: str, dtype: str | None = None, *, mesh: jax.sharding.Mesh 
                           shapes, is_leaf=is_shape)
   else:
     structs = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jax.numpy.dtype(pdt)), shapes, is_leaf=is_shape)
-    shard = param_shardings(transformer.param_axes(cfg), structs, mesh, rules)
+    shard = ShardingContext(mesh, rules).param_shardings(transformer.param_axes(cfg), structs)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), structs, shard)
   try:
     params = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), target)

@@ -1,6 +1,6 @@
-"""MAGVIT-v2 image tokenizer: VQGAN encoder/decoder with a lookup-free quantizer (13 bits → 8192 codes)."""
+"""MAGVIT-v2 image tokenizer modules: VQGAN encoder/decoder with a lookup-free quantizer (13 bits →
+8192 codes). The user object with its checkpoint is ``mmada_jax.api.ImageTokenizer``."""
 from mmada_jax.image_tokenizer.config import MagvitConfig, VQGANConfig
 from mmada_jax.image_tokenizer.modules import MagvitModel
-from mmada_jax.image_tokenizer.tokenizer import ImageTokenizer
 
-__all__ = ["ImageTokenizer", "MagvitConfig", "MagvitModel", "VQGANConfig"]
+__all__ = ["MagvitConfig", "MagvitModel", "VQGANConfig"]

@@ -1,4 +1,4 @@
-"""The MMaDA backbone (LLaDA blocks) and its public wrapper."""
+"""The MMaDA backbone (LLaDA blocks); the user object is ``mmada_jax.api.MMaDA``."""
 from mmada_jax.model import transformer
 from mmada_jax.model.config import MMaDAConfig
 

@@ -12,6 +12,9 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from mmada_jax.prompting.special_tokens import LLADA_RESERVED_IDS
+
+_MASK_ID, _EOS_ID = LLADA_RESERVED_IDS["mask"], LLADA_RESERVED_IDS["eos"]
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_qkv_out", "minimal")
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
            "float16": jnp.float16, "fp16": jnp.float16}
@@ -43,9 +46,9 @@ class MMaDAConfig:
   rope_theta: float = 500000.0
   rms_norm_eps: float = 1e-5
   max_sequence_length: int = 4096
-  mask_token_id: int = 126336
-  eos_token_id: int = 126081
-  pad_token_id: int = 126081
+  mask_token_id: int = _MASK_ID
+  eos_token_id: int = _EOS_ID
+  pad_token_id: int = _EOS_ID       # MMaDA pads text with EOS
   llm_vocab_size: int = 126464
   codebook_size: int = 8192
   num_vq_tokens: int = 1024
@@ -127,9 +130,9 @@ class MMaDAConfig:
         rope_theta=float(hf.get("rope_theta", 10000.0)),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
         max_sequence_length=int(hf.get("max_sequence_length", 4096)),
-        mask_token_id=int(hf.get("mask_token_id", 126336)),
-        eos_token_id=int(hf.get("eos_token_id", 126081) if hf.get("eos_token_id") is not None else 126081),
-        pad_token_id=int(hf.get("pad_token_id", 126081) if hf.get("pad_token_id") is not None else 126081),
+        mask_token_id=int(hf.get("mask_token_id", _MASK_ID)),
+        eos_token_id=int(_EOS_ID if hf.get("eos_token_id") is None else hf["eos_token_id"]),
+        pad_token_id=int(_EOS_ID if hf.get("pad_token_id") is None else hf["pad_token_id"]),
         llm_vocab_size=int(hf.get("llm_vocab_size", 126464)),
         codebook_size=int(hf.get("codebook_size", 8192)),
         num_vq_tokens=int(hf.get("num_vq_tokens", 1024)),

@@ -21,7 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from mmada_jax.model import layers
 from mmada_jax.model.config import MMaDAConfig
-from mmada_jax.sharding.rules import constrain
+from mmada_jax.sharding.context import constrain
 
 Params = dict[str, Any]
 KV = tuple[jax.Array, jax.Array]

@@ -24,7 +24,7 @@ Beyond the original (which recomputes the whole sequence at every step), in one 
   ``mmu_generate_fast`` early exit); the blocks after it stay MASK.
 
 With ``cache='none'`` and ``threshold=None`` the result (and trajectory) equals ``generate_text``
-for the same key. Noise: step key = fold_in(fold_in(key, block), step), as the plain sampler.
+for the same seed. Noise: step key = fold_in(fold_in(key, block), step), as the plain sampler.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmada_jax.model import MMaDAConfig, transformer
+from mmada_jax.sampling.arguments import prng_key, renamed_kwargs
 from mmada_jax.sampling.text import (NEG_INF, check_text_args, chosen_probability, full_attention_mask,
                                      initial_sequence, sample_tokens, select_top, step_key,
                                      transfer_count)
@@ -197,14 +198,15 @@ def _cached_core(params, x, attention_mask, cfg_mult, temperature, threshold, st
 
 def generate_text_cached(params: Any, cfg: MMaDAConfig, prompt: Any, *, gen_length: int,
                          block_length: int, steps: int, temperature: float = 0.0,
-                         cfg_scale: float = 0.0, remasking: str = "low_confidence",
+                         guidance_scale: float = 0.0, remasking: str = "low_confidence",
                          attention_mask: Any = None, cache: str = "prefix", horizon: int | None = None,
                          threshold: float | None = None, min_transfer: str = "best",
-                         stop_token_id: int | None = None, key: jax.Array | None = None,
-                         mask_id: int | None = None, return_trajectory: bool = False) -> CachedTextSample:
+                         stop_token_id: int | None = None, seed: int | jax.Array = 0,
+                         mask_id: int | None = None, return_trajectory: bool = False,
+                         **deprecated: Any) -> CachedTextSample:
   """Block-diffusion text/MMU sampling with an approximate KV cache and/or threshold decoding.
 
-  Arguments as ``generate_text`` (prompt int [B, P]; noise only from ``key``), plus:
+  Arguments as ``generate_text`` (prompt int [B, P]; noise from ``seed``, an int or a PRNG key), plus:
     cache: 'none' (exact), 'prefix' or 'dual' (see module doc).
     horizon: tokens after the block recomputed with it on cached steps (static); default: the rest
       of the generation for 'prefix', 0 for 'dual'. Clipped to gen_length - block_length.
@@ -212,10 +214,16 @@ def generate_text_cached(params: Any, cfg: MMaDAConfig, prompt: Any, *, gen_leng
       the static schedule only.
     min_transfer: with a threshold, 'best' (>= 1 token per step) or 'schedule' (>= n_i tokens).
     stop_token_id: early exit after a block ending with this token in every row.
+    deprecated: ``cfg_scale=`` (now ``guidance_scale``), ``key=`` (now ``seed``).
   """
+  if deprecated:
+    new = renamed_kwargs("generate_text_cached", deprecated, {"cfg_scale": "guidance_scale", "key": "seed"},
+                         current={"guidance_scale": (guidance_scale, 0.0), "seed": (seed, 0)})
+    guidance_scale, seed = new.get("guidance_scale", guidance_scale), new.get("seed", seed)
+  key = prng_key(seed)
   mask_id = cfg.mask_token_id if mask_id is None else int(mask_id)
   _, _, total = check_text_args(cfg, prompt, gen_length, block_length, steps, remasking, temperature,
-                                cfg_scale, attention_mask)
+                                guidance_scale, attention_mask)
   if cache not in CACHE_MODES:
     raise ValueError(f"cache={cache!r} is not one of {CACHE_MODES}")
   if min_transfer not in MIN_TRANSFER:
@@ -225,18 +233,16 @@ def generate_text_cached(params: Any, cfg: MMaDAConfig, prompt: Any, *, gen_leng
   if horizon is not None and int(horizon) < 0:
     raise ValueError(f"horizon must be >= 0, got {horizon}")
   sample = temperature > 0
-  if (sample or remasking == "random") and key is None:
-    raise ValueError("temperature > 0 or remasking='random' needs a PRNG key")
   b, p = np.shape(prompt)
   rest = gen_length - block_length
   if horizon is None:
     horizon = rest if cache == "prefix" else 0
   window = block_length + min(int(horizon), rest)
-  use_cfg = cfg_scale > 0
+  use_cfg = guidance_scale > 0
   x = initial_sequence(prompt, gen_length, mask_id)
   attn = None if use_cfg else full_attention_mask(attention_mask, b, total)
   tokens, n_fwd, block_steps, traj = _cached_core(
-      params, x, attn, jnp.float32(float(cfg_scale) + 1.0), jnp.float32(temperature),
+      params, x, attn, jnp.float32(float(guidance_scale) + 1.0), jnp.float32(temperature),
       jnp.float32(np.inf if threshold is None else threshold),
       jnp.int32(-1 if stop_token_id is None else stop_token_id),
       key if (sample or remasking == "random") else None,

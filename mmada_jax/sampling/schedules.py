@@ -1,69 +1,29 @@
-"""Host-side MaskGIT mask schedules, evaluated in float32 exactly as the original's torch code.
+"""Host-side MaskGIT tables: per-step mask counts and Gumbel temperatures, float32 as the original.
 
 The T2I sampler needs ``floor(N * gamma(r))`` for r = (k+1)/T. That number is static per step, so it
-is computed once on the host (numpy float32, matching torch's float32 ``cos``/``sigmoid``/``pow``
-on a 0-d tensor) and passed into the compiled loop as a table. ``gamma(2/3)`` for cosine is
-0.49999997 in float32, so 16 * gamma floors to 7, not 8: a float64 evaluation would change the
-number of re-masked tokens. The training-side schedules (traced, any dtype) live elsewhere.
+is computed once on the host and passed into the compiled loop as a table. The schedules γ are the
+one definition in :mod:`mmada_jax.diffusion.schedules`, evaluated here with ``xp=numpy`` (float32,
+matching torch's float32 ``cos``/``sigmoid``/``pow`` on a 0-d tensor): ``gamma(2/3)`` for cosine is
+0.49999997 in float32, so 16 * gamma floors to 7, not 8.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import numpy as np
 
+from mmada_jax.diffusion.schedules import get_schedule
+
 _F32 = np.float32
 
 
-def _cosine(t: np.ndarray) -> np.ndarray:
-  return np.cos(t * _F32(math.pi) * _F32(0.5)).astype(_F32)
-
-
-def _linear(t: np.ndarray) -> np.ndarray:
-  return np.clip(_F32(1.0) - t, _F32(1e-6), _F32(1.0)).astype(_F32)
-
-
-def _pow(exponent: float) -> Callable[[np.ndarray], np.ndarray]:
-  def fn(t: np.ndarray) -> np.ndarray:
-    return np.clip(_F32(1.0) - t ** _F32(exponent), _F32(1e-6), _F32(1.0)).astype(_F32)
-  return fn
-
-
-def _sigmoid32(x: np.ndarray) -> np.ndarray:
-  x = np.asarray(x, _F32)
-  return (_F32(1.0) / (_F32(1.0) + np.exp(-x))).astype(_F32)
-
-
-def _sigmoid(start: float = -3.0, end: float = 3.0, tau: float = 1.0, clip_min: float = 1e-6):
-  def fn(t: np.ndarray) -> np.ndarray:
-    v_start = _sigmoid32(_F32(start / tau))
-    v_end = _sigmoid32(_F32(end / tau))
-    out = _sigmoid32((t * _F32(end - start) + _F32(start)) / _F32(tau))
-    out = (v_end - out) / (v_end - v_start)
-    return np.clip(out, _F32(clip_min), _F32(1.0)).astype(_F32)
-  return fn
-
-
 def get_mask_schedule(name: str, **kwargs) -> Callable[[np.ndarray], np.ndarray]:
-  """Mask-ratio function gamma: float32 ratios r in (0, 1] -> float32 mask ratios.
+  """Mask-ratio function gamma: float32 ratios r in (0, 1] -> float32 mask ratios (host numpy).
 
   Names as the original's ``get_mask_schedule``: 'cosine', 'linear', 'pow<p>' (e.g. 'pow2'),
   'sigmoid' (kwargs start, end, tau, clip_min).
   """
-  if name == "cosine":
-    return _cosine
-  if name == "linear":
-    return _linear
-  if name.startswith("pow"):
-    try:
-      exponent = float(name[3:])
-    except ValueError:
-      raise ValueError(f"mask schedule {name!r}: expected 'pow<exponent>', e.g. 'pow2'") from None
-    return _pow(exponent)
-  if name == "sigmoid":
-    return _sigmoid(**kwargs)
-  raise ValueError(f"unknown mask schedule {name!r}; use cosine, linear, pow<p> or sigmoid")
+  return get_schedule(name, xp=np, **kwargs)
 
 
 def mask_ratios(name: str | Callable[[np.ndarray], np.ndarray], timesteps: int) -> np.ndarray:

@@ -31,9 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmada_jax.model import MMaDAConfig, transformer
+from mmada_jax.prompting.special_tokens import LLADA_TOKENIZER_LEN
 from mmada_jax.sampling import schedules
+from mmada_jax.sampling.arguments import prng_key, renamed_kwargs
 
-IMAGE_TOKEN_OFFSET = 126349    # len(LLaDA tokenizer): image token = code + offset
+IMAGE_TOKEN_OFFSET = LLADA_TOKENIZER_LEN    # len(LLaDA tokenizer): image token = code + offset
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -111,31 +113,63 @@ def _t2i_core(params, ids, attn, uncond_ids, uncond_attn, guidance, temps, mask_
   return sampled, ids, traj
 
 
+_T2I_TAPES_GONE = ("recorded noise is replayed only by the parity harness (mmada_jax.parity.replay); "
+                   "pass seed= for fresh noise")
+
+
 def generate_image_tokens(
     params: Any, cfg: MMaDAConfig, input_ids: Any, *, attention_mask: Any = None,
-    uncond_input_ids: Any = None, uncond_attention_mask: Any = None, timesteps: int = 15,
+    uncond_input_ids: Any = None, uncond_attention_mask: Any = None, steps: int = 15,
     guidance_scale: float = 0.0, temperature: float = 1.0,
     noise_schedule: str | Callable[[np.ndarray], np.ndarray] = "cosine",
     num_vq_tokens: int | None = None, codebook_size: int | None = None,
     image_token_offset: int = IMAGE_TOKEN_OFFSET, uncond_prefix_len: int | None = None,
-    compound_temperature: bool = True, key: jax.Array | None = None, multinomial_tape: Any = None,
-    gumbel_tape: Any = None, mask_id: int | None = None, return_trajectory: bool = False) -> T2ISample:
+    compound_temperature: bool = True, seed: int | jax.Array = 0, mask_id: int | None = None,
+    return_trajectory: bool = False, **deprecated: Any) -> T2ISample:
   """MaskGIT-decodes the N image slots of ``input_ids`` (int [B, L], slots MASK or known image ids).
 
   Args:
     attention_mask, uncond_attention_mask: int [B, L], 1 = token, 0 = ``[iPAD]`` (hard padding
       mask, the original's boolean outer-product bias); None = no mask.
     uncond_input_ids: int [B, L] ``t2i_gen_prompt('')`` rows; required when guidance_scale > 0.
-    timesteps: T decoding steps. guidance_scale: w. temperature: tau0 of the re-masking Gumbel noise.
+    steps: T decoding steps. guidance_scale: w. temperature: tau0 of the re-masking Gumbel noise.
     noise_schedule: 'cosine', 'linear', 'pow<p>', 'sigmoid' or a float32 numpy callable gamma(r).
     num_vq_tokens: N (default ``cfg.num_vq_tokens``); codebook_size (default ``cfg.codebook_size``).
     uncond_prefix_len: R1, tokens taken from the unconditional row (default S + 1 = L - N - 2;
       the original uses resolution + 1); clipped to L.
     compound_temperature: the original's compounding temperature (default True, see module doc).
-    key: PRNG key (per step fold_in(key, k): categorical sample, uniform for the Gumbel noise).
-    multinomial_tape: int [T, B*N] or [T, B, N] replayed sampled codes; gumbel_tape: float32
-      [T, B, N] replayed Gumbel noise. Give both or neither.
+    seed: int or jax PRNG key (per step fold_in(key, k): categorical sample, uniform for the
+      Gumbel noise).
     return_trajectory: also return the model input of every forward.
+    deprecated: ``timesteps=`` (now ``steps``), ``key=`` (now ``seed``), with a DeprecationWarning.
+  """
+  if deprecated:
+    new = renamed_kwargs("generate_image_tokens", deprecated, {"timesteps": "steps", "key": "seed"},
+                         removed={"multinomial_tape": _T2I_TAPES_GONE, "gumbel_tape": _T2I_TAPES_GONE},
+                         current={"steps": (steps, 15), "seed": (seed, 0)})
+    steps, seed = new.get("steps", steps), new.get("seed", seed)
+  return _generate_image_tokens(
+      params, cfg, input_ids, attention_mask=attention_mask, uncond_input_ids=uncond_input_ids,
+      uncond_attention_mask=uncond_attention_mask, steps=steps, guidance_scale=guidance_scale,
+      temperature=temperature, noise_schedule=noise_schedule, num_vq_tokens=num_vq_tokens,
+      codebook_size=codebook_size, image_token_offset=image_token_offset,
+      uncond_prefix_len=uncond_prefix_len, compound_temperature=compound_temperature,
+      key=prng_key(seed), mask_id=mask_id, return_trajectory=return_trajectory)
+
+
+def _generate_image_tokens(
+    params: Any, cfg: MMaDAConfig, input_ids: Any, *, attention_mask: Any = None,
+    uncond_input_ids: Any = None, uncond_attention_mask: Any = None, steps: int = 15,
+    guidance_scale: float = 0.0, temperature: float = 1.0,
+    noise_schedule: str | Callable[[np.ndarray], np.ndarray] = "cosine",
+    num_vq_tokens: int | None = None, codebook_size: int | None = None,
+    image_token_offset: int = IMAGE_TOKEN_OFFSET, uncond_prefix_len: int | None = None,
+    compound_temperature: bool = True, key: jax.Array | None = None, multinomial_tape: Any = None,
+    gumbel_tape: Any = None, mask_id: int | None = None, return_trajectory: bool = False) -> T2ISample:
+  """:func:`generate_image_tokens` with a PRNG ``key`` or recorded noise (the parity replay's entry).
+
+  multinomial_tape: int [T, B*N] or [T, B, N] replayed sampled codes; gumbel_tape: float32
+  [T, B, N] replayed Gumbel noise. Give both (they replace the key) or neither.
   """
   mask_id = cfg.mask_token_id if mask_id is None else int(mask_id)
   n = int(cfg.num_vq_tokens if num_vq_tokens is None else num_vq_tokens)
@@ -150,8 +184,8 @@ def generate_image_tokens(
   if image_token_offset < 0 or image_token_offset + cb > cfg.vocab_size:
     raise ValueError(f"image columns [{image_token_offset}, {image_token_offset + cb}) fall outside "
                      f"the vocabulary of {cfg.vocab_size}")
-  if int(timesteps) <= 0:
-    raise ValueError(f"timesteps must be positive, got {timesteps}")
+  if int(steps) <= 0:
+    raise ValueError(f"steps must be positive, got {steps}")
   if temperature < 0 or guidance_scale < 0:
     raise ValueError(f"temperature ({temperature}) and guidance_scale ({guidance_scale}) must be >= 0")
   use_cfg = guidance_scale > 0
@@ -167,11 +201,11 @@ def generate_image_tokens(
   if multinomial_tape is None and key is None:
     raise ValueError("generate_image_tokens needs a PRNG key or the multinomial/gumbel tapes")
   if multinomial_tape is not None:
-    if np.size(multinomial_tape) != timesteps * b * n or np.shape(multinomial_tape)[0] != timesteps:
-      raise ValueError(f"multinomial_tape must be [T, B*N] = {(timesteps, b * n)}, got {np.shape(multinomial_tape)}")
-    if tuple(np.shape(gumbel_tape)) != (timesteps, b, n):
-      raise ValueError(f"gumbel_tape must be [T, B, N] = {(timesteps, b, n)}, got {np.shape(gumbel_tape)}")
-    multinomial_tape = jnp.asarray(multinomial_tape).astype(jnp.int32).reshape(timesteps, b * n)
+    if np.size(multinomial_tape) != steps * b * n or np.shape(multinomial_tape)[0] != steps:
+      raise ValueError(f"multinomial_tape must be [T, B*N] = {(steps, b * n)}, got {np.shape(multinomial_tape)}")
+    if tuple(np.shape(gumbel_tape)) != (steps, b, n):
+      raise ValueError(f"gumbel_tape must be [T, B, N] = {(steps, b, n)}, got {np.shape(gumbel_tape)}")
+    multinomial_tape = jnp.asarray(multinomial_tape).astype(jnp.int32).reshape(steps, b * n)
     gumbel_tape = jnp.asarray(gumbel_tape, jnp.float32)
   prefix = total - n - 2 if uncond_prefix_len is None else int(uncond_prefix_len)
   if prefix < 0:
@@ -186,8 +220,8 @@ def generate_image_tokens(
       ones = jnp.ones((b, total), jnp.int32)
       attn = ones if attn is None else attn
       uncond_attn = ones if uncond_attention_mask is None else jnp.asarray(uncond_attention_mask).astype(jnp.int32)
-  temps = jnp.asarray(schedules.temperature_table(temperature, timesteps, compound_temperature))
-  mask_lens = jnp.asarray(schedules.mask_len_table(noise_schedule, timesteps, n))
+  temps = jnp.asarray(schedules.temperature_table(temperature, steps, compound_temperature))
+  mask_lens = jnp.asarray(schedules.mask_len_table(noise_schedule, steps, n))
   # (1 + w, w) formed in float64 as the original's Python scalars, then float32.
   weights = jnp.asarray([1.0 + float(guidance_scale), float(guidance_scale)], jnp.float32)
   codes, ids, traj = _t2i_core(

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmada_jax.model import MMaDAConfig, transformer
+from mmada_jax.sampling.arguments import prng_key, renamed_kwargs
 
 REMASKING = ("low_confidence", "random")
 NEG_INF = -jnp.inf
@@ -86,7 +87,7 @@ def guided_logits(params: Any, cfg: MMaDAConfig, x: jax.Array, attention_mask: j
 
   With CFG the unconditional rows are ``x`` with the prompt positions set to MASK, run in the
   same batch without any attention mask (as the original), and
-  ``logits = un + cfg_mult * (cond - un)`` with ``cfg_mult = w + 1``.
+  ``logits = un + cfg_mult * (cond - un)`` with ``cfg_mult = w + 1`` (w = ``guidance_scale``).
   """
   if use_cfg:
     un_x = jnp.where(prompt_index, mask_id, x)
@@ -101,7 +102,7 @@ def guided_logits(params: Any, cfg: MMaDAConfig, x: jax.Array, attention_mask: j
 # Validation shared with the cached sampler.
 
 def check_text_args(cfg: MMaDAConfig, prompt: Any, gen_length: int, block_length: int, steps: int,
-                    remasking: str, temperature: float, cfg_scale: float,
+                    remasking: str, temperature: float, guidance_scale: float,
                     attention_mask: Any) -> tuple[int, int, int]:
   """Raises ValueError on an invalid setting; returns (num_blocks, steps_per_block, P+G)."""
   if np.ndim(prompt) != 2:
@@ -118,8 +119,8 @@ def check_text_args(cfg: MMaDAConfig, prompt: Any, gen_length: int, block_length
     raise ValueError(f"remasking={remasking!r} is not one of {REMASKING}")
   if temperature < 0:
     raise ValueError(f"temperature must be >= 0, got {temperature}")
-  if cfg_scale < 0:
-    raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
+  if guidance_scale < 0:
+    raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
   b, p = np.shape(prompt)
   total = p + gen_length
   if total > cfg.max_sequence_length:
@@ -200,30 +201,58 @@ def _generate_core(params, x, attention_mask, cfg_mult, temperature, key, rand_t
   return x, traj
 
 
+_TEXT_RENAMES = {"cfg_scale": "guidance_scale", "key": "seed"}
+_TAPES_GONE = ("recorded noise is replayed only by the parity harness (mmada_jax.parity.replay); "
+               "pass seed= for fresh noise")
+
+
 def generate_text(params: Any, cfg: MMaDAConfig, prompt: Any, *, gen_length: int, block_length: int,
-                  steps: int, temperature: float = 0.0, cfg_scale: float = 0.0,
+                  steps: int, temperature: float = 0.0, guidance_scale: float = 0.0,
                   remasking: str = "low_confidence", attention_mask: Any = None,
-                  key: jax.Array | None = None, rand_tape: Any = None, gumbel_tape: Any = None,
-                  mask_id: int | None = None, return_trajectory: bool = False) -> TextSample:
+                  seed: int | jax.Array = 0, mask_id: int | None = None, return_trajectory: bool = False,
+                  **deprecated: Any) -> TextSample:
   """Samples ``gen_length`` tokens after ``prompt`` (int [B, P]) in ``gen_length/block_length`` blocks.
 
   Args:
     steps: total denoising steps (forward passes, or CFG pairs), a multiple of the block count.
     temperature: Gumbel temperature; 0 = greedy argmax.
-    cfg_scale: unsupervised CFG weight w (> 0 appends prompt->MASK rows; no attention mask then).
+    guidance_scale: unsupervised CFG weight w (> 0 appends prompt->MASK rows; no attention mask then).
     remasking: 'low_confidence' (score = softmax probability of the chosen token) or 'random'
       (score ~ U(0, 1)).
     attention_mask: optional int [B, P] or [B, P+G], 1 = token, 0 = padding (hard key/query mask,
       as the original's boolean outer-product bias); ignored on the CFG path, as the original.
-    key: PRNG key for Gumbel and random-remasking noise (step key = fold_in(fold_in(key, block), i)).
-    rand_tape: float32 [steps, B, P+G], replayed uniform scores for 'random' remasking.
-    gumbel_tape: float32 [steps, B, P+G, V], replayed Gumbel noise for temperature > 0.
+    seed: int or jax PRNG key of the Gumbel and random-remasking noise (step key =
+      fold_in(fold_in(key, block), i)); unused when greedy with low-confidence remasking.
     mask_id: MASK token id (default ``cfg.mask_token_id``).
     return_trajectory: also return the model input of every forward, int32 [steps, B or 2B, P+G].
+    deprecated: ``cfg_scale=`` (now ``guidance_scale``), ``key=`` (now ``seed``), with a
+      DeprecationWarning.
+  """
+  if deprecated:
+    new = renamed_kwargs("generate_text", deprecated, _TEXT_RENAMES,
+                         removed={"rand_tape": _TAPES_GONE, "gumbel_tape": _TAPES_GONE},
+                         current={"guidance_scale": (guidance_scale, 0.0), "seed": (seed, 0)})
+    guidance_scale, seed = new.get("guidance_scale", guidance_scale), new.get("seed", seed)
+  return _generate_text(params, cfg, prompt, gen_length=gen_length, block_length=block_length, steps=steps,
+                        temperature=temperature, guidance_scale=guidance_scale, remasking=remasking,
+                        attention_mask=attention_mask, key=prng_key(seed), mask_id=mask_id,
+                        return_trajectory=return_trajectory)
+
+
+def _generate_text(params: Any, cfg: MMaDAConfig, prompt: Any, *, gen_length: int, block_length: int,
+                   steps: int, temperature: float = 0.0, guidance_scale: float = 0.0,
+                   remasking: str = "low_confidence", attention_mask: Any = None,
+                   key: jax.Array | None = None, rand_tape: Any = None, gumbel_tape: Any = None,
+                   mask_id: int | None = None, return_trajectory: bool = False) -> TextSample:
+  """:func:`generate_text` with a PRNG ``key`` or recorded noise (the parity replay's entry).
+
+  rand_tape: float32 [steps, B, P+G], replayed uniform scores for 'random' remasking;
+  gumbel_tape: float32 [steps, B, P+G, V], replayed Gumbel noise for temperature > 0. A tape
+  replaces the key's noise of its kind.
   """
   mask_id = cfg.mask_token_id if mask_id is None else int(mask_id)
   num_blocks, _, total = check_text_args(cfg, prompt, gen_length, block_length, steps, remasking,
-                                         temperature, cfg_scale, attention_mask)
+                                         temperature, guidance_scale, attention_mask)
   b, p = np.shape(prompt)
   sample = temperature > 0
   if sample and key is None and gumbel_tape is None:
@@ -239,11 +268,11 @@ def generate_text(params: Any, cfg: MMaDAConfig, prompt: Any, *, gen_length: int
     if tuple(np.shape(gumbel_tape)) != want:
       raise ValueError(f"gumbel_tape must have shape {want}, got {tuple(np.shape(gumbel_tape))}")
     gumbel_tape = jnp.asarray(gumbel_tape, jnp.float32)
-  use_cfg = cfg_scale > 0
+  use_cfg = guidance_scale > 0
   x = initial_sequence(prompt, gen_length, mask_id)
   attn = None if use_cfg else full_attention_mask(attention_mask, b, total)
   tokens, traj = _generate_core(
-      params, x, attn, jnp.float32(float(cfg_scale) + 1.0), jnp.float32(temperature),
+      params, x, attn, jnp.float32(float(guidance_scale) + 1.0), jnp.float32(temperature),
       key if (sample and gumbel_tape is None) or (remasking == "random" and rand_tape is None) else None,
       rand_tape if remasking == "random" else None, gumbel_tape if sample else None,
       cfg=cfg, prompt_len=p, gen_length=gen_length, block_length=block_length, steps=steps,

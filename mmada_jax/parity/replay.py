@@ -1,7 +1,10 @@
 """Replays the reference fixtures' ``text_gen`` and ``t2i_gen`` settings with their recorded noise.
 
-Used by the sampler tests and by the parity command. Each ``run_*`` returns the sampler's outputs
-as numpy arrays under the fixture's output names; ``compare`` lists the mismatches.
+Used by the parity command and the sampler tests. The recorded noise (uniform remasking scores,
+Gumbel noise, multinomial draws) enters through the samplers' internal entries
+(``sampling.text._generate_text``, ``sampling.t2i._generate_image_tokens``); the public samplers
+take only a seed. Each ``run_*`` returns the sampler's outputs as numpy arrays under the
+fixture's output names; ``compare`` lists the mismatches.
 """
 from __future__ import annotations
 
@@ -12,8 +15,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from mmada_jax.model import MMaDAConfig
-from mmada_jax.sampling.t2i import generate_image_tokens
-from mmada_jax.sampling.text import generate_text
+from mmada_jax.sampling.t2i import _generate_image_tokens
+from mmada_jax.sampling.text import _generate_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +25,7 @@ class TextSetting:
   steps: int
   gen_length: int
   block_length: int
-  cfg_scale: float = 0.0
+  guidance_scale: float = 0.0
   remasking: str = "low_confidence"
   padded: bool = False       # uses <name>.attention_mask
   random_tape: bool = False  # uses <name>.torch_rand
@@ -31,7 +34,7 @@ class TextSetting:
 @dataclasses.dataclass(frozen=True)
 class T2ISetting:
   guidance_scale: float
-  timesteps: int
+  steps: int
   temperature: float
 
 
@@ -41,7 +44,7 @@ TEXT_SETTINGS: dict[str, TextSetting] = {
     "g12_b12_s6": TextSetting("prompt", 6, 12, 12),
     "g16_b8_s4": TextSetting("prompt", 4, 16, 8),
     "g10_b5_s4": TextSetting("prompt", 4, 10, 5),
-    "g8_b8_s4_cfg1": TextSetting("prompt", 4, 8, 8, cfg_scale=1.0),
+    "g8_b8_s4_cfg1": TextSetting("prompt", 4, 8, 8, guidance_scale=1.0),
     "g8_b4_s4_padded": TextSetting("prompt_padded", 4, 8, 4, padded=True),
     "mmu_g8_b4_s4": TextSetting("prompt_mmu", 4, 8, 4),
     "mmu_g8_b8_s4_fn_generate": TextSetting("prompt_mmu", 4, 8, 8),
@@ -89,7 +92,7 @@ def text_setting(name: str, cases: Mapping[str, np.ndarray]) -> TextSetting:
   if f"text_gen/in/{prompt}" not in cases:
     raise ValueError(f"text_gen setting {name!r}: input text_gen/in/{prompt} is missing")
   setting = TextSetting(prompt, int(m.group("s")), int(m.group("g")), int(m.group("b")),
-                        cfg_scale=_num(m.group("cfg"), 0.0),
+                        guidance_scale=_num(m.group("cfg"), 0.0),
                         remasking="random" if random_tape else "low_confidence",
                         padded=padded, random_tape=random_tape)
   want = cases[f"{out}.output"].shape[1] - cases[f"text_gen/in/{prompt}"].shape[1]
@@ -108,8 +111,8 @@ def t2i_setting(name: str, cases: Mapping[str, np.ndarray]) -> T2ISetting:
     raise ValueError(f"t2i_gen setting {name!r}: cannot read guidance/timesteps from its name")
   setting = T2ISetting(_num(m.group("cfg"), 0.0), int(m.group("t")), _num(m.group("temp"), 1.0))
   steps = cases[f"t2i_gen/out/{name}.multinomial"].shape[0]
-  if steps != setting.timesteps:
-    raise ValueError(f"t2i_gen setting {name!r}: name says {setting.timesteps} steps, tape has {steps}")
+  if steps != setting.steps:
+    raise ValueError(f"t2i_gen setting {name!r}: name says {setting.steps} steps, tape has {steps}")
   return setting
 
 
@@ -127,9 +130,9 @@ def run_text_setting(params: Any, cfg: MMaDAConfig, cases: Mapping[str, np.ndarr
   """Runs ``text_gen`` setting ``name``; returns {'output' [B, P+G], 'trajectory' [T, B|2B, P+G]}."""
   s = text_setting(name, cases)
   out = f"text_gen/out/{name}"
-  sample = generate_text(
+  sample = _generate_text(
       params, cfg, cases[f"text_gen/in/{s.prompt}"], gen_length=s.gen_length,
-      block_length=s.block_length, steps=s.steps, cfg_scale=s.cfg_scale, remasking=s.remasking,
+      block_length=s.block_length, steps=s.steps, guidance_scale=s.guidance_scale, remasking=s.remasking,
       attention_mask=cases[f"{out}.attention_mask"] if s.padded else None,
       rand_tape=cases[f"{out}.torch_rand"] if s.random_tape else None, return_trajectory=True)
   return {"output": np.asarray(sample.tokens), "trajectory": np.asarray(sample.trajectory)}
@@ -144,11 +147,11 @@ def run_t2i_setting(params: Any, cfg: MMaDAConfig, cases: Mapping[str, np.ndarra
   s = t2i_setting(name, cases)
   inp, out = "t2i_gen/in", f"t2i_gen/out/{name}"
   use_cfg = s.guidance_scale > 0
-  sample = generate_image_tokens(
+  sample = _generate_image_tokens(
       params, cfg, cases[f"{inp}/input_ids"], attention_mask=cases[f"{inp}/attention_mask"],
       uncond_input_ids=cases[f"{inp}/uncond_input_ids"] if use_cfg else None,
       uncond_attention_mask=cases[f"{inp}/uncond_attention_mask"] if use_cfg else None,
-      timesteps=s.timesteps, guidance_scale=s.guidance_scale, temperature=s.temperature,
+      steps=s.steps, guidance_scale=s.guidance_scale, temperature=s.temperature,
       noise_schedule="cosine", num_vq_tokens=int(cases[f"{inp}/num_vq_tokens"]),
       uncond_prefix_len=int(cases[f"{inp}/max_text_len"]) + 1, compound_temperature=True,
       multinomial_tape=cases[f"{out}.multinomial"], gumbel_tape=cases[f"{out}.gumbel"],

@@ -5,8 +5,10 @@
 DIR is a fixture folder: an MMaDA one (config.json with ``model_type: mmada`` + model.safetensors
 + cases.npz with any of the cases ``logits``, ``losses``, ``text_gen``, ``t2i_gen``) or a MAGVIT-v2
 one (config.json with encoder/decoder settings + pytorch_model.safetensors + cases.npz with case
-``magvit``), of any configuration. Every case found is run and its error printed; the exit status
-is 0 only if every case matches (floats within tolerance, integers exactly) and at least one ran.
+``magvit``), of any configuration, or a folder of such folders (each one is checked). Every
+case found is run and its error printed; the exit status is 0 only if every case matches
+(floats within tolerance, integers exactly) and at least one ran.
+The sampler cases replay the recorded noise through ``mmada_jax.parity.replay``.
 """
 from __future__ import annotations
 
@@ -81,7 +83,7 @@ def check_mmada(path: str) -> list[CaseResult]:
   import jax.numpy as jnp
   from mmada_jax.checkpoint.hf_mmada import load_hf_checkpoint
   from mmada_jax.model import transformer
-  from mmada_jax.sampling import replay
+  from mmada_jax.parity import replay
 
   params, cfg = load_hf_checkpoint(path, dtype="float32")
   cases = replay.load_cases(os.path.join(path, "cases.npz"))
@@ -175,7 +177,8 @@ def _check_losses(params: Any, cfg: Any, cases: Mapping[str, np.ndarray]) -> lis
 # ------------------------------------------------------------------------------------ MAGVIT
 def check_magvit(path: str) -> list[CaseResult]:
   import jax.numpy as jnp
-  from mmada_jax.image_tokenizer import ImageTokenizer, lfq
+  from mmada_jax.api.image_tokenizer import ImageTokenizer
+  from mmada_jax.image_tokenizer import lfq
 
   tok = ImageTokenizer.from_pretrained(path)
   with np.load(os.path.join(path, "cases.npz")) as f:
@@ -232,6 +235,18 @@ def check_magvit(path: str) -> list[CaseResult]:
   return results
 
 
+def expand_dirs(path: str) -> list[str]:
+  """``[path]`` for a fixture folder; for a folder without config.json, its subfolders that hold
+  config.json + cases.npz (sorted); otherwise ``[path]`` (reported as not a fixture folder)."""
+  if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+    subs = sorted(os.path.join(path, n) for n in os.listdir(path)
+                  if os.path.isfile(os.path.join(path, n, "config.json"))
+                  and os.path.isfile(os.path.join(path, n, "cases.npz")))
+    if subs:
+      return subs
+  return [path]
+
+
 def run_folder(path: str) -> list[CaseResult]:
   kind = detect_kind(path)
   return check_mmada(path) if kind == "mmada" else check_magvit(path)
@@ -240,11 +255,11 @@ def run_folder(path: str) -> list[CaseResult]:
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m mmada_jax.parity", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("dirs", nargs="+", help="fixture folders")
+  p.add_argument("dirs", nargs="+", help="fixture folders (or folders of fixture folders)")
   p.add_argument("--json", action="store_true", help="print one JSON line per case")
   args = p.parse_args(argv)
   all_ok, n = True, 0
-  for d in args.dirs:
+  for d in [f for d in args.dirs for f in expand_dirs(d)]:
     try:
       results = run_folder(d)
     except Exception as e:
@@ -265,7 +280,3 @@ def main(argv: list[str] | None = None) -> int:
     return 1
   print(f"all {n} cases match" if all_ok else f"parity FAILED ({n} cases run)")
   return 0 if all_ok else 1
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -1,4 +1,8 @@
-"""Original MAGVIT-v2 state dict (torch key names, OIHW convs) ↔ Flax params pytree (HWIO convs).
+"""The original MAGVIT-v2 checkpoint layout: load / save a tokenizer directory, and the state dict
+(torch key names, OIHW convs) ↔ Flax params pytree (HWIO convs).
+
+A directory holds ``config.json`` (diffusers format, read by ``MagvitConfig``) and
+``pytorch_model.safetensors`` (the original's file and key names).
 
 The mapping is derived from the Flax module tree (see ``modules``): a parameter path
 ``encoder/down_2/block_0/conv1/kernel`` is the torch key ``encoder.down.2.block.0.conv1.weight``.
@@ -8,7 +12,10 @@ checkpoint against them tensor by tensor. The quantizer buffers ``quantize.embed
 """
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
 from typing import Any, Iterator
 
 import jax
@@ -17,7 +24,7 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
-from mmada_jax.checkpoint.safetensors_io import CheckpointError
+from mmada_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsReader, write_safetensors
 from mmada_jax.image_tokenizer import lfq
 from mmada_jax.image_tokenizer.config import MagvitConfig
 from mmada_jax.image_tokenizer.modules import abstract_params
@@ -27,6 +34,8 @@ BUFFER_KEYS = ("quantize.embedding", "quantize.power_vals")
 _LEVEL = re.compile(r"(down|up)_(\d+)")
 _LEVEL_CHILD = re.compile(r"(block|attn)_(\d+)")
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+WEIGHTS_NAME = "pytorch_model.safetensors"
+_STORED = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 def torch_key(path: tuple[str, ...]) -> str:
@@ -139,3 +148,57 @@ def iter_state_dict(config: MagvitConfig, params: Params) -> Iterator[tuple[str,
 def state_dict_from_params(config: MagvitConfig, params: Params) -> dict[str, np.ndarray]:
   """Flax params → the original state dict (learned tensors + the two quantizer buffers)."""
   return dict(iter_state_dict(config, params))
+
+
+# ---------------------------------------------------------------------------------- directories
+
+def stored_dtype(config: MagvitConfig, reader: SafetensorsReader) -> str:
+  """The parameter dtype of a checkpoint: that of its first learned tensor ('float32' when it has
+  none, so that loading then names the missing tensor)."""
+  key = next((k for k in expected_state_dict_shapes(config) if k in reader), None)
+  if key is None:
+    return "float32"
+  stored = reader.dtype(key)
+  if stored not in _STORED:
+    raise CheckpointError(f"tensor {key!r} has dtype {stored}, expected a floating type")
+  return _STORED[stored]
+
+
+def load_pretrained(path: str, param_dtype: Any = None) -> tuple[MagvitConfig, Params]:
+  """Reads a tokenizer directory: ``(config, params)`` with numpy leaves of ``param_dtype``
+  (None: as stored). Raises ``CheckpointError`` naming a missing, unexpected or mis-shaped tensor."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"image tokenizer directory not found: {path}")
+  config = MagvitConfig.from_pretrained_dir(path)
+  with SafetensorsReader(path) as reader:
+    dtype = stored_dtype(config, reader) if param_dtype is None else param_dtype
+    params = params_from_state_dict(config, reader, dtype)
+  return config, params
+
+
+def save_pretrained(config: MagvitConfig, params: Params, path: str, *, param_dtype: Any = None,
+                    overwrite: bool = False) -> None:
+  """Writes ``config.json`` and ``pytorch_model.safetensors`` in the original layout (OIHW convs,
+  torch key names, plus the ``quantize.embedding`` / ``quantize.power_vals`` buffers), cast to
+  ``param_dtype`` (None: as held). Written to ``path.partial`` and renamed when complete; an
+  existing non-empty ``path`` is refused unless ``overwrite``."""
+  path = os.path.abspath(path)
+  if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)) and not overwrite:
+    raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True to replace it)")
+  cast = None if param_dtype is None else _np_dtype(param_dtype)
+  tensors = ((k, v.astype(cast) if cast is not None and k not in BUFFER_KEYS else v)
+             for k, v in iter_state_dict(config, params))
+  tmp = path + ".partial"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    write_safetensors(tensors, tmp, base_name=WEIGHTS_NAME)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(config.to_hf_config(), f, indent=2, sort_keys=True)
+      f.write("\n")
+    if os.path.exists(path):
+      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    os.replace(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise

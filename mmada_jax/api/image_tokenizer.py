@@ -2,11 +2,14 @@
 
 Images are NHWC: float in [-1, 1] or uint8 in 0..255; codes are int32 [B, h·w], row-major over the
 (h, w) grid with h = H/f, w = W/f (f = 2**(encoder levels − 1), 16 for the released model).
+
+dtypes follow Flax: ``param_dtype`` is the storage dtype of the weights, ``dtype`` the compute
+dtype of the convolutions (GroupNorm statistics and attention softmax stay float32; outputs are
+float32).
 """
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 from typing import Any
@@ -16,22 +19,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mmada_jax.checkpoint.safetensors_io import SafetensorsReader, write_safetensors
-from mmada_jax.image_tokenizer import convert
+from mmada_jax.checkpoint import magvit
 from mmada_jax.image_tokenizer.config import MagvitConfig
 from mmada_jax.image_tokenizer.modules import HIGHEST, MagvitModel, init_params
+from mmada_jax.model.config import canonical_dtype
+from mmada_jax.sampling.arguments import prng_key, renamed_kwargs
+from mmada_jax.sharding.context import ShardingContext
+from mmada_jax.sharding.rules import DEFAULT_RULES
+from mmada_jax.sharding.transfer import place_batch
 
-_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
-           "float16": jnp.float16, "fp16": jnp.float16}
-WEIGHTS_NAME = "pytorch_model.safetensors"
-
-
-def _canonical_dtype(dtype: Any) -> Any:
-  name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
-  key = name.lower().replace("torch.", "")
-  if key not in _DTYPES:
-    raise ValueError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16")
-  return _DTYPES[key]
+FORMATS = ("hf",)
+"""Formats of ``save_pretrained``: "hf", the original's diffusers layout (config.json +
+pytorch_model.safetensors). The tokenizer is small (~95M parameters) and always read whole, so it
+has no Orbax format."""
+_OPTIONS = ("precision",)
 
 
 @functools.lru_cache(maxsize=16)
@@ -45,21 +46,34 @@ def _jitted(config: MagvitConfig, dtype: Any, precision: Any):
   return encode, latent, decode
 
 
+def _params_dtype(params: Any) -> str:
+  leaves = [x for x in jax.tree_util.tree_leaves(params) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+  if not leaves:
+    raise ValueError("params hold no floating-point arrays")
+  names = {canonical_dtype(jnp.asarray(x).dtype) for x in leaves}
+  if len(names) > 1:
+    raise ValueError(f"params mix dtypes {sorted(names)}; pass param_dtype= to cast them to one")
+  return names.pop()
+
+
 class ImageTokenizer:
   """A MAGVIT-v2 tokenizer with its parameters; ``encode`` / ``decode`` are jitted (one compile per shape).
 
-  ``dtype`` is the storage and compute dtype of the weights (GroupNorm statistics and attention
-  softmax stay float32; outputs are float32). With ``mesh``, params are replicated on it and the batch
-  is sharded over its ``data`` axis when the batch size divides evenly (otherwise replicated).
+  ``param_dtype``: storage dtype of the weights (default: that of ``params``); ``dtype``: compute
+  dtype (default: ``param_dtype``). With ``mesh``, params are replicated on it and the batch is
+  placed by the logical ``batch`` axis of ``rules`` (dims it cannot split stay replicated).
   """
 
-  def __init__(self, config: MagvitConfig, params: Any, *, mesh: Mesh | None = None,
-               dtype: Any = "float32", precision: Any = HIGHEST):
+  def __init__(self, config: MagvitConfig, params: Any, *, param_dtype: Any = None, dtype: Any = None,
+               mesh: Mesh | None = None, rules=None, precision: Any = HIGHEST):
     self.config = config
-    self.dtype = _canonical_dtype(dtype)
+    self.param_dtype = jnp.dtype(canonical_dtype(param_dtype) if param_dtype is not None else _params_dtype(params))
+    self.dtype = jnp.dtype(canonical_dtype(dtype)) if dtype is not None else self.param_dtype
     self.mesh = mesh
+    self.rules = tuple(rules) if rules is not None else DEFAULT_RULES
+    self.precision = precision
     self.model = MagvitModel(config, dtype=self.dtype, precision=precision)
-    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, self.dtype), params)
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, self.param_dtype), params)
     if mesh is not None:
       params = jax.device_put(params, NamedSharding(mesh, P()))
     self.params = params
@@ -68,38 +82,50 @@ class ImageTokenizer:
   # ---- construction / persistence -------------------------------------------------------------
 
   @classmethod
-  def from_pretrained(cls, path: str, mesh: Mesh | None = None, dtype: Any = "float32") -> "ImageTokenizer":
-    """Loads a directory holding ``config.json`` and ``pytorch_model.safetensors`` (original key names)."""
-    config = MagvitConfig.from_pretrained_dir(path)
-    with SafetensorsReader(path) as reader:
-      params = convert.params_from_state_dict(config, reader, _canonical_dtype(dtype))
-    return cls(config, params, mesh=mesh, dtype=dtype)
+  def from_pretrained(cls, path: str | os.PathLike, *, param_dtype: Any = None, dtype: Any = None,
+                      mesh: Mesh | None = None, rules=None, **overrides: Any) -> "ImageTokenizer":
+    """Loads a directory holding ``config.json`` and ``pytorch_model.safetensors`` (original key names).
+
+    ``param_dtype``: storage dtype (None: as stored); ``dtype``: compute dtype (None:
+    ``param_dtype``). NOTE: before this release ``dtype=`` set both; it now means compute, as in
+    Flax. ``overrides``: ``precision=`` (of the convolutions, default HIGHEST).
+    """
+    unknown = sorted(set(overrides) - set(_OPTIONS))
+    if unknown:
+      raise TypeError(f"ImageTokenizer.from_pretrained() got unexpected keyword argument(s) {unknown}; "
+                      f"options: {list(_OPTIONS)}")
+    config, params = magvit.load_pretrained(os.fspath(path), param_dtype)
+    return cls(config, params, param_dtype=param_dtype, dtype=dtype, mesh=mesh, rules=rules, **overrides)
 
   @classmethod
-  def init(cls, config: MagvitConfig, key: jax.Array, *, mesh: Mesh | None = None,
-           dtype: Any = "float32") -> "ImageTokenizer":
-    """A randomly initialised tokenizer for ``config`` (see ``modules.init_params``)."""
-    params = init_params(config, key)
-    return cls(config, params, mesh=mesh, dtype=dtype)
+  def init(cls, config: MagvitConfig, seed: int | jax.Array = 0, *, param_dtype: Any = None,
+           dtype: Any = None, mesh: Mesh | None = None, rules=None, **deprecated: Any) -> "ImageTokenizer":
+    """A randomly initialised tokenizer for ``config`` (see ``modules.init_params``); ``seed``: int
+    or jax PRNG key; ``param_dtype`` None keeps the initialiser's float32. Deprecated: ``key=``
+    (``seed``)."""
+    if deprecated:
+      seed = renamed_kwargs("ImageTokenizer.init", deprecated, {"key": "seed"}, current={"seed": (seed, 0)})["seed"]
+    params = init_params(config, prng_key(seed))
+    return cls(config, params, param_dtype=param_dtype, dtype=dtype, mesh=mesh, rules=rules)
 
-  def save_pretrained(self, path: str) -> None:
+  def save_pretrained(self, path: str | os.PathLike, *, format: str = "hf", param_dtype: Any = None,
+                      overwrite: bool = False) -> None:
     """Writes ``config.json`` and ``pytorch_model.safetensors`` in the original layout (OIHW convs,
-    torch key names, plus the ``quantize.embedding`` / ``quantize.power_vals`` buffers)."""
-    os.makedirs(path, exist_ok=True)
-    write_safetensors(convert.iter_state_dict(self.config, self.params), path, base_name=WEIGHTS_NAME)
-    with open(os.path.join(path, "config.json"), "w") as f:
-      json.dump(self.config.to_hf_config(), f, indent=2, sort_keys=True)
-      f.write("\n")
+    torch key names, plus the ``quantize.embedding`` / ``quantize.power_vals`` buffers).
+
+    ``format``: "hf" only (see ``FORMATS``); ``param_dtype`` casts the stored weights (default: as
+    held); an existing non-empty ``path`` is refused unless ``overwrite``.
+    """
+    if format not in FORMATS:
+      raise ValueError(f"unknown format {format!r} for an ImageTokenizer; supported: {FORMATS}")
+    magvit.save_pretrained(self.config, self.params, os.fspath(path),
+                           param_dtype=None if param_dtype is None else canonical_dtype(param_dtype),
+                           overwrite=overwrite)
 
   # ---- input checks ---------------------------------------------------------------------------
 
   def _place_batch(self, x: jax.Array) -> jax.Array:
-    if self.mesh is None:
-      return x
-    spec = P()
-    if "data" in self.mesh.axis_names and x.shape[0] % self.mesh.shape["data"] == 0:
-      spec = P("data")
-    return jax.device_put(x, NamedSharding(self.mesh, spec))
+    return place_batch(x, ShardingContext(self.mesh, self.rules))
 
   def _prepare_images(self, images: Any) -> jax.Array:
     x = images if isinstance(images, jax.Array) else np.asarray(images)
@@ -168,4 +194,5 @@ class ImageTokenizer:
 
   def __repr__(self) -> str:
     return (f"ImageTokenizer({self.config.class_name}, {self.num_params / 1e6:.1f}M params, "
-            f"{self.config.codebook_dim} bits, f={self.config.downsample_factor}, dtype={jnp.dtype(self.dtype).name})")
+            f"{self.config.codebook_dim} bits, f={self.config.downsample_factor}, "
+            f"param_dtype={self.param_dtype.name}, dtype={self.dtype.name})")
