@@ -9,7 +9,7 @@ The global batch of every stage is the config's (the original's 64-device batch)
 with fewer chips, gradient accumulation grows to keep rows per chip per micro-batch small.
 
 v5e/v6e entries other than stage 1.3 compile the step only (``twins=False``: memory, no cost
-figures): libtpu's cost model gives no step time for those generations (see mmada_jax/aot.py).
+figures): libtpu's cost model gives no step time for those generations (see mmada_jax/aot/__init__.py).
 
 Grids:
   * ``plan``: the best settings found per (stage, slice), the docs/aot.md table;

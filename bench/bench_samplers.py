@@ -64,12 +64,14 @@ def main() -> None:
   import numpy as np
 
   from mmada_jax.model import MMaDAConfig, transformer
+  from mmada_jax.prompting.special_tokens import LLADA_RESERVED_IDS
   from mmada_jax.sampling.cache import generate_text_cached
   from mmada_jax.sampling.t2i import IMAGE_TOKEN_OFFSET, generate_image_tokens
   from mmada_jax.sampling.text import generate_text
 
   if args.config:
-    from mmada_jax.train.trainer import load_config_file, model_config
+    from mmada_jax.train.config import model_config
+    from mmada_jax.train.config_files import load_config_file
     cfg = model_config(load_config_file(args.config).model)
     args.t2i_tokens = cfg.num_vq_tokens
   else:
@@ -93,7 +95,8 @@ def main() -> None:
   real = cfg.vocab_size >= IMAGE_TOKEN_OFFSET + cfg.codebook_size
   offset = IMAGE_TOKEN_OFFSET if real else cfg.vocab_size - cfg.codebook_size
   text_lo, text_hi = (200, 126000) if real else (4, offset - 3)
-  soi, eoi, uncond_id = (126084, 126085, 126093) if real else (offset - 3, offset - 2, offset - 1)
+  reserved = LLADA_RESERVED_IDS
+  soi, eoi, uncond_id = (reserved["soi"], reserved["eoi"], reserved["ipad"]) if real else (offset - 3, offset - 2, offset - 1)
   if text_hi - text_lo < 16:
     raise SystemExit(f"bench_samplers: vocabulary of {cfg.vocab_size} is too small for the benchmark's prompts")
 
@@ -137,8 +140,8 @@ def main() -> None:
   ids[:, s + 1], ids[:, -1] = soi, eoi
   uncond = ids.copy()
   uncond[:, :s + 1] = uncond_id
-  t2i_kw = dict(uncond_input_ids=uncond, timesteps=args.t2i_steps, guidance_scale=args.t2i_guidance,
-                key=jax.random.key(1), image_token_offset=offset)
+  t2i_kw = dict(uncond_input_ids=uncond, steps=args.t2i_steps, guidance_scale=args.t2i_guidance,
+                seed=1, image_token_offset=offset)
   r, t, c = _timed(lambda: generate_image_tokens(params, cfg, ids, **t2i_kw).codes, args.repeats)
   out["t2i"] = {"batch": b, "image_tokens": n, "text_len": s, "timesteps": args.t2i_steps,
                 "guidance": args.t2i_guidance, "images_per_s": round(b / t, 3), "run_s": round(t, 3),

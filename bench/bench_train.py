@@ -74,26 +74,27 @@ def run(config) -> dict:
   import numpy as np
 
   from mmada_jax import aot
-  from mmada_jax.sharding.rules import make_mesh
+  from mmada_jax.sharding import ShardingContext, make_mesh, to_global, use_sharding
   from mmada_jax.train import metrics as metrics_lib, optim, state as state_lib
   from mmada_jax.train.stages import StepContext, get_stage
-  from mmada_jax.train.step import jit_step, make_step_fn, to_global_batch
-  from mmada_jax.train.trainer import model_config, parse_rules
+  from mmada_jax.train.step import jit_step, make_step_fn
+  from mmada_jax.train.config import model_config
 
   model_cfg = model_config(config.model)
   mesh = make_mesh(str(config.mesh_shape))
-  rules = parse_rules(config.sharding_rules)
+  ctx = ShardingContext.create(mesh, str(config.sharding_preset), str(config.sharding_rules))
+  rules = ctx.rules
   params_shape = state_lib.abstract_params(model_cfg)
   tx, schedule = optim.make_optimizer(config.optimizer, params_shape, int(config.steps))
   abstract, shardings = state_lib.state_shardings(model_cfg, tx, mesh, rules)
-  with jax.set_mesh(mesh):
+  with use_sharding(ctx):
     state = state_lib.init_state(model_cfg, tx, shardings, int(config.seed))
-  aot_stage, abstract_batch, _, shapes = aot.abstract_stage(
+  aot_stage, abstract_batch, _, shapes = aot.abstract_step(
       config, model_cfg, mesh, abstract.params, grpo_prompt_len=_GRPO_PROMPT_LEN.value)
   acc = int(config.optimizer.grad_accum)
   if _DATA.value == "stage":
     stage = get_stage(config, model_cfg)
-    with jax.set_mesh(mesh):
+    with use_sharding(ctx):
       frozen = stage.init_frozen(state.params) if stage.init_frozen else None
     data = stage.make_batches(jax.process_index(), jax.process_count())
 
@@ -102,16 +103,13 @@ def run(config) -> dict:
       if stage.pre_step is not None:
         host = stage.pre_step(StepContext(state, step, mesh, config, model_cfg, frozen), host)
       rows, length = stage.sequences(host)
-      return to_global_batch(host, acc, mesh), rows * length
+      return to_global(host, ctx, micro=acc), rows * jax.process_count() * length
   else:
     stage = aot_stage
     frozen = None
-    if str(config.stage.name) in ("grpo", "unigrpo"):
-      from mmada_jax.rl.grpo import GRPOConfig
-      if GRPOConfig.from_config(config.get("rl")).loss.needs_ref:
-        with jax.set_mesh(mesh):
-          frozen = {"ref": jax.jit(lambda p: jax.tree.map(lambda x: x + 0, p),
-                                   out_shardings=shardings.params)(state.params)}
+    if stage.init_frozen is not None:   # e.g. UniGRPO's reference policy: a copy of the params
+      with use_sharding(ctx):
+        frozen = stage.init_frozen(state.params)
     fixed = synthetic_batch(abstract_batch, model_cfg.vocab_size, int(config.seed))
     if "response_start" in fixed:
       start = shapes.length - shapes.logit_positions
@@ -125,7 +123,7 @@ def run(config) -> dict:
   step_fn = make_step_fn(stage, tx, schedule, shardings.params)
   batch, tokens = next_batch(0)
   t0 = time.perf_counter()
-  with jax.set_mesh(mesh):
+  with use_sharding(ctx):
     compiled = jit_step(step_fn, shardings, batch, frozen, mesh).lower(state, batch, frozen).compile()
   compile_s = time.perf_counter() - t0
   mem = None
@@ -135,7 +133,7 @@ def run(config) -> dict:
     pass
 
   times, total_tokens = [], 0
-  with jax.set_mesh(mesh):
+  with use_sharding(ctx):
     for i in range(_WARMUP.value + _STEPS.value):
       if i:
         batch, tokens = next_batch(i)

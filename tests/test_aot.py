@@ -37,7 +37,7 @@ def topo_devices():
 
 
 def _tiny(**model):
-  from configs import tiny
+  from mmada_jax.configs import tiny
   c = tiny.get_config("pretrain")
   for k, v in model.items():
     c.model[k] = v
@@ -59,6 +59,7 @@ def test_topology_names():
     aot.parse_topology("v9z-8")
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_scanned_estimate_matches_unrolled_twin(topo_devices):
   from mmada_jax import aot
@@ -73,6 +74,7 @@ def test_scanned_estimate_matches_unrolled_twin(topo_devices):
   assert est["xla_raw"]["step_as_counted"]["flops"] * cfg.optimizer.grad_accum < 0.8 * direct["flops"]
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_cli_json_fields(topo_devices):
   # This process holds libtpu's lockfile (the fixture loaded it): let the child load it too.
@@ -99,10 +101,10 @@ def test_cli_json_fields(topo_devices):
 def test_out_of_memory_messages_are_read():
   from mmada_jax import aot
   gib = 2 ** 30
-  a = aot._parse_oom("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
+  a = aot.parse_oom("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
                      "Used 101.25G of 95.74G hbm. Exceeded hbm capacity by 5.51G.")
   assert a == {"used_bytes": 101.25 * gib, "capacity_bytes": 95.74 * gib}
-  b = aot._parse_oom("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+  b = aot.parse_oom("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
                      "(176.97G) exceeds available HBM (95.74G).")
   assert b == {"used_bytes": 176.97 * gib, "capacity_bytes": 95.74 * gib}
-  assert aot._parse_oom("INVALID_ARGUMENT: something else") is None
+  assert aot.parse_oom("INVALID_ARGUMENT: something else") is None

@@ -1,6 +1,5 @@
 """Masked-diffusion noising, mask schedules and training losses."""
 from mmada_jax.diffusion.losses import (
-    STAGE_COEFFICIENTS,
     LossCoefficients,
     answer_loss,
     answer_loss_weights,

@@ -29,16 +29,6 @@ class LossCoefficients(NamedTuple):
   mmu: float = 1.0
 
 
-STAGE_COEFFICIENTS: dict[str, LossCoefficients] = {
-    "stage1.1": LossCoefficients(1.0, 0.1, 1.0),
-    "stage1.2": LossCoefficients(1.0, 0.1, 0.5),
-    "stage1.3": LossCoefficients(1.0, 0.4, 0.5),
-    "stage2.1": LossCoefficients(1.0, 0.5, 0.5),
-    "stage2.2": LossCoefficients(0.05, 0.6, 0.4),
-}
-"""The released configs' (t2i, lm, mmu) coefficients per README training stage."""
-
-
 # cross-entropy --------------------------------------------------------------------------------
 
 def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

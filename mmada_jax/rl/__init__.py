@@ -1,12 +1,18 @@
-"""UniGRPO (spec §8): advantages, structured response masking, the clipped objective, rewards.
+"""UniGRPO (spec §8): settings, prompts, rollouts, rewards, advantages, masking, the objective.
 
-The trainer stage lives in :mod:`mmada_jax.rl.grpo` (imported on demand: it registers the
-``grpo`` / ``unigrpo`` stages with the trainer).
+Modules: ``config`` (:class:`GRPOConfig`, the ``config.rl`` section), ``prompts`` (prompt
+iterator, sources, JSONL records), ``rollout`` (sampling the groups), ``answers`` (answer
+extraction and matching), ``rewards`` (reward classes and the named-reward registry),
+``advantages``, ``masking`` (structured mask ratios, response masking), ``loss`` (per-token
+likelihoods, the clipped objective), ``update`` (the π_old / π_ref pass, the trainer's loss),
+``stage`` (:class:`GRPOStage`, the stage object the trainer wraps in
+``mmada_jax.train.stages.unigrpo``). Nothing here imports the trainer.
 """
 from mmada_jax.rl.advantages import group_accuracy, group_advantages, group_keep_mask
+from mmada_jax.rl.answers import answers_match, extract_answer, mmu_answer_correct
 from mmada_jax.rl.loss import LossConfig, grpo_objective, response_logprobs, token_logprobs
 from mmada_jax.rl.masking import (MaskingConfig, exact_count_mask, mask_ratios, noisy_inputs,
                                   sample_response_masks, split_response, unigrpo_timesteps)
-from mmada_jax.rl.rewards import (AnswerCorrectness, ClassifierReward, ClipScoreReward, FormatReward,
+from mmada_jax.rl.rewards import (REWARDS, AnswerCorrectness, ClassifierReward, ClipScoreReward, FormatReward,
                                   FunctionReward, ImageRewardReward, MMUAnswerCorrectness, RewardFn,
-                                  RewardInputs, combine_rewards, extract_answer)
+                                  RewardInputs, combine_rewards, register_reward, resolve_rewards)

@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmada_jax.model import transformer
 from mmada_jax.model.config import MMaDAConfig
@@ -69,16 +70,34 @@ def token_logprobs(logits: jax.Array, targets: jax.Array, with_entropy: bool = F
                    ) -> tuple[jax.Array, jax.Array | None]:
   """(log softmax(logits)[target] float32 [...], softmax entropy float32 [...] or None).
 
-  ``logits`` [..., V] any float dtype (computed in float32); ``targets`` int [...], clipped to [0, V).
+  ``logits`` [..., V] any float dtype (computed in float32); ``targets`` int [...] in [0, V). An
+  out-of-range target is an error, never a silently wrong likelihood: inside a traced program it
+  cannot raise, so its log-probability is NaN (the loss turns NaN and the trainer stops on it);
+  the UniGRPO stage checks its targets on the host before they reach the device
+  (:func:`check_targets`), which names the offending rows.
   """
   logits = logits.astype(jnp.float32)
   lse = jax.nn.logsumexp(logits, axis=-1)
-  tgt = jnp.clip(targets.astype(jnp.int32), 0, logits.shape[-1] - 1)
-  logp = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0] - lse
+  picked = jnp.take_along_axis(logits, targets.astype(jnp.int32)[..., None], axis=-1, mode="fill",
+                               fill_value=jnp.nan, wrap_negative_indices=False)
+  logp = picked[..., 0] - lse
   if not with_entropy:
     return logp, None
   p = jnp.exp(logits - lse[..., None])
   return logp, lse - jnp.sum(p * logits, axis=-1)
+
+
+def check_targets(targets: Any, vocab_range: tuple[int, int], what: str = "targets") -> None:
+  """Host check: every token id of ``targets`` int [B, R] lies in ``[start, end)`` (the scored
+  vocabulary); raises ValueError naming the first offending rows and values otherwise."""
+  t = np.asarray(targets)
+  start, end = int(vocab_range[0]), int(vocab_range[1])
+  bad = (t < start) | (t >= end)
+  if bad.any():
+    rows = np.flatnonzero(bad.any(axis=tuple(range(1, t.ndim)))) if t.ndim > 1 else np.flatnonzero(bad)
+    raise ValueError(f"{what}: {int(bad.sum())} token ids outside the scored vocabulary [{start}, {end}) "
+                     f"(rows {rows[:8].tolist()}{' …' if rows.size > 8 else ''}; values "
+                     f"{np.unique(t[bad])[:8].tolist()})")
 
 
 def response_logprobs(params: Any, cfg: MMaDAConfig, input_ids: jax.Array, response_start: jax.Array,
@@ -95,6 +114,7 @@ def response_logprobs(params: Any, cfg: MMaDAConfig, input_ids: jax.Array, respo
     targets: int [B, R] clean response token ids.
     vocab_range: (start, end) to score against a slice of the vocabulary (T2I: the codebook
       columns, as the MaskGIT sampler draws from); targets are token ids (start is subtracted).
+      A target outside the scored vocabulary gives NaN (:func:`token_logprobs`).
   Returns:
     (logp float32 [B, R], entropy float32 [B, R] or None).
   """

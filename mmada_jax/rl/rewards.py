@@ -7,36 +7,33 @@ returned; :func:`combine_rewards` forms ``Σ weight · raw`` and keeps every raw
 Built in (raw values in [0, 1]; paper weights as defaults):
 
 * :class:`AnswerCorrectness` (``correctness``, 2.0): 1 when the final answer of the completion
-  equals the reference (:func:`extract_answer`, :func:`answers_match`).
+  equals the reference (:func:`mmada_jax.rl.answers.extract_answer` / ``answers_match``).
 * :class:`FormatReward` (``format``, 0.5): 1 for ``<think> reasoning </think> answer`` with a
-  non-empty reasoning and a non-empty answer (nothing but whitespace before ``<think>``, exactly
-  one of each tag).
+  non-empty reasoning and a non-empty answer (:func:`mmada_jax.rl.answers.format_ok`).
 * :class:`MMUAnswerCorrectness` (``mmu_correctness``, 2.0): multiple-choice letters or short
-  answers (:func:`mmu_answer_correct`).
+  answers (:func:`mmada_jax.rl.answers.mmu_answer_correct`).
 * :class:`ClipScoreReward` (``clip``, 0.1) and :class:`ImageRewardReward` (``image_reward``, 0.1):
   adapters around a user-supplied ``scorer(images uint8 [B, H, W, 3], prompts list[str]) -> [B]``.
 * :class:`ClassifierReward` (``classifier``, 1.0): ``classifier(images) -> class probabilities
   [B, C]``; reward = probability of the prompted class ``inputs.labels[b]``.
-* :class:`FunctionReward`: wraps any ``fn(inputs) -> [B]`` (e.g. token-level toy rewards).
+* :class:`FunctionReward`: wraps any ``fn(inputs) -> [B]``; :func:`toy_digit_reward`
+  (``digit_match``) is one, the reward of the copy-the-digit toy task.
 
-Answer matching needs no computer-algebra package: numbers (integers, decimals, scientific
-notation, ``a/b``, ``\\frac{a}{b}``, mixed ``1\\frac{1}{2}``, thousands separators, ``%``/``°``
-stripped) are compared as exact fractions or within a relative tolerance of 1e-4; tuples are
-compared element-wise; anything else is compared as a normalised string (``$``, ``\\left``,
-``\\right``, ``\\text{}``, spacing commands, ``\\dfrac``/``\\tfrac``, braces, whitespace and case
-removed, ``x = …`` reduced to its right-hand side).
+Choosing rewards from a config (``rl.rewards``, :func:`resolve_rewards`): comma-separated entries,
+each a name of :data:`REWARDS` (``correctness``, ``format``, ``mmu_correctness``,
+``digit_match``, and any added with :func:`register_reward`) or ``module:function`` naming user
+code, called as ``function(config, model_cfg)`` and returning a list of rewards (the way to plug
+in image scorers such as CLIP or ImageReward, which no config value can hold).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
-from fractions import Fraction
+import importlib
 from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+from mmada_jax.rl.answers import answers_match, extract_answer, format_ok, mmu_answer_correct
 
 
 @dataclasses.dataclass
@@ -115,287 +112,6 @@ def combine_rewards(fns: Sequence[RewardFn], inputs: RewardInputs
   return total, raw
 
 
-# ------------------------------------------------------------------ answer extraction
-
-def answer_region(text: str) -> str:
-  """The text after the last ``</think>`` when that is non-empty, else the whole text."""
-  if THINK_CLOSE in text:
-    after = text.rsplit(THINK_CLOSE, 1)[1]
-    if after.strip():
-      return after
-  return text
-
-
-def last_boxed(text: str) -> str | None:
-  """Content of the last ``\\boxed{…}`` / ``\\fbox{…}`` (balanced braces; ``\\boxed 5`` too)."""
-  starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)", text)]
-  for start in reversed(starts):
-    i = start
-    while i < len(text) and text[i] == " ":
-      i += 1
-    if i < len(text) and text[i] == "{":
-      depth, j = 0, i
-      while j < len(text):
-        if text[j] == "{":
-          depth += 1
-        elif text[j] == "}":
-          depth -= 1
-          if depth == 0:
-            return text[i + 1:j]
-        j += 1
-      continue
-    m = re.match(r"[^\s$]+", text[i:])
-    if m and i > start:
-      return m.group(0)
-  return None
-
-
-_NUMBER_RE = r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+(?:\.\d+)?)?|[+-]?\.\d+"
-_ANSWER_IS = re.compile(r"(?:final\s+answer|answer)\s*(?:is|:|=)\s*:?\s*(.+)", re.IGNORECASE)
-
-
-def extract_answer(text: str) -> str | None:
-  """The final answer of a completion, or None.
-
-  Searched in the answer region (after ``</think>``): the last ``\\boxed{}``; the text after the
-  last ``####`` (first line); the text after the last "answer is" / "answer:" (first line,
-  trailing period dropped); the last number. A ``\\boxed{}`` inside the reasoning is the final
-  fallback.
-  """
-  if not text:
-    return None
-  region = answer_region(text)
-  boxed = last_boxed(region)
-  if boxed is not None and boxed.strip():
-    return boxed.strip()
-  if "####" in region:
-    tail = region.rsplit("####", 1)[1].strip().splitlines()
-    if tail and tail[0].strip():
-      return tail[0].strip()
-  matches = list(_ANSWER_IS.finditer(region))
-  if matches:
-    cand = matches[-1].group(1).strip().splitlines()[0].strip()
-    cand = re.sub(r"[.\s]+$", "", cand)
-    if cand:
-      return cand
-  nums = re.findall(_NUMBER_RE, region)
-  if nums:
-    return nums[-1]
-  boxed = last_boxed(text)
-  return boxed.strip() if boxed else None
-
-
-# ------------------------------------------------------------------ normalisation and comparison
-
-_TEXT_CMD = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
-
-
-def normalize_answer(s: str) -> str:
-  """A canonical string for comparison (see the module docstring); '' for None."""
-  if s is None:
-    return ""
-  s = str(s).strip()
-  for _ in range(2):
-    s = _TEXT_CMD.sub(r"\1", s)
-  for tok in ("\\left", "\\right", "\\displaystyle", "\\!", "\\,", "\\;", "\\:", "\\ ", "$"):
-    s = s.replace(tok, "")
-  s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-  s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?", "", s)
-  s = s.replace("\\circ", "").replace("°", "").replace("\\%", "").replace("%", "")
-  s = re.sub(r"\s+", "", s)
-  s = s.rstrip(".")
-  m = re.fullmatch(r"[A-Za-z]\w*=([^=]+)", s)
-  if m:
-    s = m.group(1)
-  while len(s) >= 2 and s[0] == "{" and s[-1] == "}" and _balanced(s[1:-1]):
-    s = s[1:-1]
-  return s
-
-
-def _balanced(s: str) -> bool:
-  depth = 0
-  for ch in s:
-    depth += ch == "{"
-    depth -= ch == "}"
-    if depth < 0:
-      return False
-  return depth == 0
-
-
-_FRAC = r"\\frac(?:\{([^{}]+)\}|(\d))(?:\{([^{}]+)\}|(\d))"
-
-
-def parse_number(s: str) -> Fraction | None:
-  """The exact value of a normalised numeric answer, or None (not a plain number)."""
-  if not s:
-    return None
-  s = s.strip()
-  if re.fullmatch(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):
-    s = s.replace(",", "")
-  if re.fullmatch(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", s):
-    return Fraction(s)
-  m = re.fullmatch(r"([+-]?(?:\d+\.?\d*|\.\d+))/([+-]?(?:\d+\.?\d*|\.\d+))", s)
-  if m:
-    den = Fraction(m.group(2))
-    return Fraction(m.group(1)) / den if den != 0 else None
-  m = re.fullmatch(r"([+-]?)(\d*)" + _FRAC, s)
-  if m:
-    num = parse_number(m.group(3) or m.group(4))
-    den = parse_number(m.group(5) or m.group(6))
-    if num is None or den is None or den == 0:
-      return None
-    value = (Fraction(int(m.group(2))) if m.group(2) else Fraction(0)) + num / den
-    return -value if m.group(1) == "-" else value
-  return None
-
-
-def numbers_close(a: Fraction, b: Fraction, rel_tol: float = 1e-4, abs_tol: float = 1e-8) -> bool:
-  """Exact equality, or ``math.isclose`` of the floats with the given tolerances."""
-  return a == b or math.isclose(float(a), float(b), rel_tol=rel_tol, abs_tol=abs_tol)
-
-
-def _first_number(s: str) -> Fraction | None:
-  m = re.search(r"[+-]?\d*" + _FRAC, s) or re.search(_NUMBER_RE, s)
-  return parse_number(m.group(0)) if m else None
-
-
-def _split_tuple(s: str) -> tuple[str, list[str]] | None:
-  """('()' / '[]' / '', top-level comma-separated items) for a tuple-like answer, else None."""
-  brackets = ""
-  if len(s) >= 2 and s[0] + s[-1] in ("()", "[]", "(]", "[)"):
-    brackets, s = s[0] + s[-1], s[1:-1]
-  items, depth, cur = [], 0, ""
-  for ch in s:
-    if ch in "([{":
-      depth += 1
-    elif ch in ")]}":
-      depth -= 1
-    if ch == "," and depth == 0:
-      items.append(cur)
-      cur = ""
-    else:
-      cur += ch
-  items.append(cur)
-  return (brackets, items) if len(items) > 1 else None
-
-
-def _canon(s: str) -> str:
-  return s.replace("{", "").replace("}", "").lower()
-
-
-def answers_match(pred: str | None, ref: Any, rel_tol: float = 1e-4) -> bool:
-  """Whether a predicted final answer equals the reference (numbers, tuples, or strings)."""
-  if pred is None or ref is None:
-    return False
-  p, r = normalize_answer(pred), normalize_answer(str(ref))
-  if not p or not r:
-    return False
-  if p == r:
-    return True
-  rn = parse_number(r)
-  if rn is not None:
-    pn = parse_number(p)
-    if pn is None:
-      pn = _first_number(p)
-    return pn is not None and numbers_close(pn, rn, rel_tol)
-  rt, pt = _split_tuple(r), _split_tuple(p)
-  if rt is not None and pt is not None:
-    return rt[0] == pt[0] and len(rt[1]) == len(pt[1]) and all(
-        answers_match(a, b, rel_tol) for a, b in zip(pt[1], rt[1]))
-  return _canon(p) == _canon(r)
-
-
-# ------------------------------------------------------------------ multiple choice / short answers
-
-_CHOICE_KEY = re.compile(
-    r"(?i:answer|option|choice)\s*(?i:is|:)?\s*[:\-]?\s*(?:\(\s*([A-Za-z])\s*\)|([A-Z])(?![A-Za-z]))")
-
-
-def _letter(s: str) -> str | None:
-  """The letter of 'B', '(B)', 'B.', 'B)', 'B. text', '(b)'; None otherwise."""
-  s = s.strip()
-  m = re.fullmatch(r"\(\s*([A-Za-z])\s*\)[.:]?(?:\s.*)?", s, re.DOTALL)
-  if m:
-    return m.group(1).upper()
-  m = re.fullmatch(r"([A-Z])(?:[.):](?:\s.*)?)?", s, re.DOTALL)
-  return m.group(1) if m else None
-
-
-def extract_choice(text: str) -> str | None:
-  """The chosen option letter of a completion (upper case), or None.
-
-  In the answer region: the last ``\\boxed{}`` holding a letter; the last "answer/option/choice
-  is X" / "(x)"; a region that starts with a letter ('B', '(B)', 'B. …'); the last '(X)'.
-  """
-  if not text:
-    return None
-  region = answer_region(text)
-  boxed = last_boxed(region)
-  if boxed is not None:
-    letter = _letter(normalize_answer(boxed)) or _letter(boxed)
-    if letter:
-      return letter
-  matches = list(_CHOICE_KEY.finditer(region))
-  if matches:
-    m = matches[-1]
-    return (m.group(1) or m.group(2)).upper()
-  letter = _letter(region.strip().splitlines()[0] if region.strip() else "")
-  if letter:
-    return letter
-  parens = re.findall(r"\(([A-Z])\)", region)
-  return parens[-1] if parens else None
-
-
-_ARTICLES = {"a", "an", "the"}
-
-
-def normalize_short_answer(s: str) -> str:
-  """VQA-style: lower case, punctuation removed (decimal points kept), articles dropped."""
-  s = str(s).lower().strip()
-  s = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", s)
-  s = re.sub(r"[^\w\s.]", " ", s)
-  return " ".join(w for w in s.split() if w not in _ARTICLES)
-
-
-def _short_answer(text: str) -> str:
-  region = answer_region(text)
-  boxed = last_boxed(region)
-  if boxed is not None and boxed.strip():
-    return boxed.strip()
-  matches = list(_ANSWER_IS.finditer(region))
-  if matches:
-    return re.sub(r"[.\s]+$", "", matches[-1].group(1).strip().splitlines()[0])
-  lines = region.strip().splitlines()
-  return lines[0].strip() if lines else ""
-
-
-def mmu_answer_correct(completion: str, reference: Any, choices: Sequence[str] | None = None) -> bool:
-  """Multiple choice when ``choices`` is given or the reference is a single letter ('B', '(B)');
-  otherwise a short answer (numeric/symbolic match, yes/no on the first word, or equal
-  normalised text). With ``choices``, an answer quoting an option's text counts as that letter.
-  """
-  if completion is None or reference is None:
-    return False
-  ref = str(reference).strip()
-  ref_letter = _letter(ref) if (choices or re.fullmatch(r"\(?[A-Z]\)?\.?", ref)) else None
-  if ref_letter is not None:
-    got = extract_choice(completion)
-    if got is None and choices:
-      said = normalize_short_answer(_short_answer(completion))
-      for i, c in enumerate(choices):
-        if said and said == normalize_short_answer(c):
-          got = chr(ord("A") + i)
-          break
-    return got == ref_letter
-  said = _short_answer(completion)
-  if answers_match(said, ref):
-    return True
-  ns, nr = normalize_short_answer(said), normalize_short_answer(ref)
-  if nr in ("yes", "no"):
-    return ns.split()[:1] == [nr]
-  return bool(nr) and ns == nr
-
-
 # ------------------------------------------------------------------ reward classes
 
 @dataclasses.dataclass
@@ -410,17 +126,6 @@ class AnswerCorrectness:
     refs = inputs.need("references", self.name)
     return np.array([float(answers_match(extract_answer(c), r, self.rel_tol)) for c, r in zip(comps, refs)],
                     np.float32)
-
-
-_FORMAT = re.compile(r"\s*<think>(.*?)</think>(.*)", re.DOTALL)
-
-
-def format_ok(text: str) -> bool:
-  """``<think> non-empty </think> non-empty answer``, one tag of each, nothing before ``<think>``."""
-  if not text or text.count(THINK_OPEN) != 1 or text.count(THINK_CLOSE) != 1:
-    return False
-  m = _FORMAT.fullmatch(text)
-  return bool(m and m.group(1).strip() and m.group(2).strip())
 
 
 @dataclasses.dataclass
@@ -525,3 +230,91 @@ def default_rewards(task: str) -> list[RewardFn]:
     return [MMUAnswerCorrectness(), FormatReward()]
   raise ValueError(f"no default rewards for task {task!r}: pass scorers (ClipScoreReward, "
                    "ImageRewardReward, ClassifierReward) for 't2i'")
+
+
+def toy_digit_reward(weight: float = 1.0) -> FunctionReward:
+  """``digit_match``, the reward of the toy task (:func:`mmada_jax.rl.prompts.toy_digit_records`):
+  mean of ``token == answer`` over the response before its stop."""
+  def fn(inputs: RewardInputs) -> np.ndarray:
+    ids = inputs.need("completion_ids", "digit_match")
+    ans = inputs.need("references", "digit_match")
+    return np.array([float(np.mean(np.asarray(t) == int(a))) if len(t) else 0.0 for t, a in zip(ids, ans)],
+                    np.float32)
+  return FunctionReward(fn, "digit_match", weight)
+
+
+# ------------------------------------------------------------------ choosing rewards by name
+
+RewardFactory = Callable[[Any], RewardFn]
+"""``factory(rl) -> reward``: ``rl`` is the stage's settings (:class:`mmada_jax.rl.config.GRPOConfig`:
+``reward_correct``, ``reward_format``, …)."""
+
+REWARDS: dict[str, RewardFactory] = {
+    "correctness": lambda rl: AnswerCorrectness(weight=float(rl.reward_correct)),
+    "format": lambda rl: FormatReward(weight=float(rl.reward_format)),
+    "mmu_correctness": lambda rl: MMUAnswerCorrectness(weight=float(rl.reward_correct)),
+    "digit_match": lambda rl: toy_digit_reward(float(rl.reward_correct)),
+}
+"""The rewards a config can name in ``rl.rewards``."""
+
+
+def register_reward(name: str) -> Callable[[RewardFactory], RewardFactory]:
+  """Decorator: makes ``factory(rl) -> reward`` available as ``rl.rewards`` entry ``name``."""
+  if ":" in name or "," in name or not name.strip():
+    raise ValueError(f"reward name {name!r} must be non-empty without ':' or ','")
+
+  def deco(factory: RewardFactory) -> RewardFactory:
+    REWARDS[name] = factory
+    return factory
+  return deco
+
+
+def load_user_function(spec: str, what: str) -> Callable[..., Any]:
+  """The callable named by ``'module:function'`` (user code), with a clear error if it is not one."""
+  module, sep, fn = spec.partition(":")
+  if not sep or not module.strip() or not fn.strip():
+    raise ValueError(f"{what}={spec!r} must be 'module:function'")
+  try:
+    out = getattr(importlib.import_module(module.strip()), fn.strip())
+  except (ImportError, AttributeError) as e:
+    raise ValueError(f"{what}={spec!r} cannot be loaded ({e})") from e
+  if not callable(out):
+    raise ValueError(f"{what}={spec!r} is not callable")
+  return out
+
+
+def default_reward_spec(task: str, prompt_source: str = "jsonl") -> str:
+  """The ``rl.rewards`` used when it is '': the toy task's ``digit_match``; text
+  ``correctness,format``; MMU ``mmu_correctness,format``; T2I has none (its scorers are user code)."""
+  if prompt_source == "toy_digits":
+    return "digit_match"
+  if task == "text":
+    return "correctness,format"
+  if task == "mmu":
+    return "mmu_correctness,format"
+  raise ValueError(f"rl.task={task!r} has no default rewards: set rl.rewards, e.g. to 'module:function' "
+                   "returning image scorers (ClipScoreReward / ImageRewardReward / ClassifierReward)")
+
+
+def resolve_rewards(spec: str, rl: Any, *factory_args: Any) -> list[RewardFn]:
+  """The rewards of ``rl.rewards``: comma-separated entries, each a :data:`REWARDS` name (built
+  with ``rl``) or ``module:function`` (user code, called with ``factory_args`` — the trainer passes
+  ``(config, model_cfg)`` — returning a list of rewards)."""
+  out: list[RewardFn] = []
+  for entry in [e.strip() for e in str(spec).split(",") if e.strip()]:
+    if ":" in entry:
+      made = load_user_function(entry, "rl.rewards entry")(*factory_args)
+      if not isinstance(made, (list, tuple)):
+        raise ValueError(f"rl.rewards entry {entry!r} returned {type(made).__name__}, not a list of rewards")
+      out.extend(made)
+    elif entry in REWARDS:
+      out.append(REWARDS[entry](rl))
+    else:
+      raise ValueError(f"rl.rewards entry {entry!r} is neither a registered reward {sorted(REWARDS)} nor "
+                       "'module:function' (user code returning a list of rewards)")
+  for r in out:
+    if not isinstance(r, RewardFn):
+      raise ValueError(f"rl.rewards={spec!r}: {r!r} is not a reward (needs name, weight and __call__)")
+  if not out:
+    raise ValueError(f"rl.rewards={spec!r} names no reward")
+  return out

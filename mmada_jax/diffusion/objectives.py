@@ -1,34 +1,20 @@
-"""Training stages: what a step feeds the model and how the loss is formed.
+"""The mixed t2i / lm / mmu masked-diffusion objective of pre-training and SFT (spec §4.3).
 
-The trainer never branches on a stage's name. A :class:`Stage` supplies
-
-* ``make_batches(process_index, process_count)``: an iterator of per-host numpy batch pytrees
-  (every leaf [B_local, ...]) with ``get_state()`` / ``set_state()`` (JSON-able);
-* ``loss_fn(params, batch, rng, frozen) -> (loss, metrics)``: pure and traced inside the jitted
-  step, once per micro-batch (metrics: dict of float32 scalars);
-* optional ``pre_step(ctx, batch) -> batch``: host-side work before each step (GRPO rollouts and
-  rewards), given a :class:`StepContext` with the current state;
-* optional ``init_frozen(params) -> pytree``: arrays the loss reads but never trains (a
-  reference policy), built once from the run's *initial* parameters (``init_from``'s, or the
-  seeded random init; also on resume) and passed to every step;
-* ``sequences(batch) -> (rows, length)``: global sequences per step and their length, for
-  tokens/s and MFU.
-
-``STAGES`` maps ``config.stage.name`` to a factory ``(config, model_cfg) -> Stage``. A stage
-living elsewhere registers itself with :func:`register_stage` when its module (named by
-``config.stage.module``) is imported.
+* :class:`MixedSpec`: its static settings (``config.stage`` / ``config.data``);
+* :data:`BATCH_KEYS` / :func:`batch_spec`: the clean batch it reads (one dict per task);
+* :func:`noise_mixed_batch`: masks that batch on device and concatenates the tasks' rows;
+* :func:`chunked_cross_entropy`: the LM head + CE over chunks of positions (less memory);
+* :func:`mixed_loss_fn`: one forward over the noised rows, the weighted t2i/lm/mmu loss.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import math
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from ml_collections import ConfigDict
 
 from mmada_jax.diffusion import losses, masking
@@ -37,80 +23,29 @@ from mmada_jax.model import transformer
 from mmada_jax.model.config import MMaDAConfig
 from mmada_jax.prompting.builders import training_attention_bias
 from mmada_jax.prompting.special_tokens import IGNORE_ID
-from mmada_jax.sharding.rules import constrain
-
-LossFn = Callable[[Any, Any, jax.Array, Any], tuple[jax.Array, dict[str, jax.Array]]]
-
-
-@dataclasses.dataclass(frozen=True)
-class StepContext:
-  """What ``pre_step`` may read: the current (device) state, the step about to run, and setup."""
-  state: Any
-  step: int
-  mesh: jax.sharding.Mesh
-  config: ConfigDict
-  model_cfg: MMaDAConfig
-  frozen: Any
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-  name: str
-  loss_fn: LossFn
-  make_batches: Callable[[int, int], Iterator]
-  sequences: Callable[[Any], tuple[int, int]]
-  metric_names: tuple[str, ...] = ("loss",)
-  pre_step: Optional[Callable[[StepContext, Any], Any]] = None
-  init_frozen: Optional[Callable[[Any], Any]] = None
-
-
-StageFactory = Callable[[ConfigDict, MMaDAConfig], Stage]
-STAGES: dict[str, StageFactory] = {}
-
-
-def register_stage(name: str) -> Callable[[StageFactory], StageFactory]:
-  def deco(factory: StageFactory) -> StageFactory:
-    STAGES[name] = factory
-    return factory
-  return deco
-
-
-def get_stage(config: ConfigDict, model_cfg: MMaDAConfig) -> Stage:
-  """Builds the stage named by ``config.stage.name`` (importing ``config.stage.module`` first)."""
-  name = str(config.stage.name)
-  module = str(config.stage.get("module", "") or "")
-  if module:
-    try:
-      importlib.import_module(module)
-    except ImportError as e:
-      raise ValueError(f"stage {name!r}: cannot import its module {module!r} ({e})") from e
-  if name not in STAGES:
-    hint = f" (config.stage.module={module!r} did not register it)" if module else ""
-    raise ValueError(f"training stage {name!r} is not registered{hint}; registered stages: "
-                     f"{sorted(STAGES)}")
-  return STAGES[name](config, model_cfg)
-
-
-# ------------------------------------------------------------------- data sources
-
-def make_data_iterator(config: ConfigDict, process_index: int, process_count: int):
-  """The mixed t2i/lm/mmu iterator named by ``config.data_source``: 'records' (the grain
-  pipeline of ``mmada_jax.data`` over ``config.data``) or 'toy' (:mod:`mmada_jax.train.toy_data`)."""
-  source = str(config.data_source)
-  if source == "toy":
-    from mmada_jax.train.toy_data import make_toy_iterator
-    return make_toy_iterator(config.data, config.toy, process_index, process_count, int(config.data.seed))
-  if source == "records":
-    from mmada_jax.data.pipeline import make_mixed_iterator
-    return make_mixed_iterator(config.data, process_index=process_index, process_count=process_count)
-  raise ValueError(f"config.data_source={source!r} is not one of ('records', 'toy')")
-
-
-# ------------------------------------------------------------------- mixed t2i + lm + mmu
+from mmada_jax.sharding.context import constrain
 
 TASKS = ("t2i", "lm", "mmu")
 T2I_ATTENTION = ("hard", "original_additive")
 LM_FORMATS = ("lm", "lm_chat")
+
+BATCH_KEYS: dict[str, tuple[str, str]] = {"t2i": ("input_ids", "attention_mask"),
+                                          "lm": ("input_ids", "prompt_mask"),
+                                          "mmu": ("input_ids", "prompt_mask")}
+"""The clean batch of :func:`noise_mixed_batch`: per present task, these int32 [rows, L] leaves."""
+
+
+def batch_spec(rows: Mapping[str, int], length: int) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
+  """The clean mixed batch as ``ShapeDtypeStruct`` s: ``rows[task]`` rows of ``length`` tokens for
+  each task with rows > 0 (a task with 0 rows is absent), int32 (:data:`BATCH_KEYS`)."""
+  unknown = sorted(set(rows) - set(BATCH_KEYS))
+  if unknown:
+    raise ValueError(f"mixed batch: unknown tasks {unknown}; tasks are {TASKS}")
+  out = {t: {k: jax.ShapeDtypeStruct((int(rows[t]), int(length)), jnp.int32) for k in BATCH_KEYS[t]}
+         for t in TASKS if int(rows.get(t, 0)) > 0}
+  if not out:
+    raise ValueError("every flow has batch_size 0: set data.t2i/lm/mmu.batch_size")
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +69,7 @@ class MixedSpec:
                mask_schedule=str(sc.mask_schedule), min_masking_rate=float(sc.min_masking_rate),
                text_eps=float(sc.text_eps), lm_format=str(sc.lm_format), t2i_attention=str(sc.t2i_attention),
                coeffs=(float(sc.coeff_t2i), float(sc.coeff_lm), float(sc.coeff_mmu)),
-               min_answer_length_lm=int(sc.min_answer_length_lm), logits_chunk=int(sc.get("logits_chunk", 0)))
+               min_answer_length_lm=int(sc.min_answer_length_lm), logits_chunk=int(sc.logits_chunk))
     if spec.logits_chunk < 0:
       raise ValueError(f"stage.logits_chunk={spec.logits_chunk} must be >= 0 (0 = full [B, L, V] logits)")
     if spec.t2i_attention not in T2I_ATTENTION:
@@ -245,61 +180,3 @@ def mixed_loss_fn(params, batch, rng, frozen, *, model_cfg: MMaDAConfig, spec: M
       coeffs=losses.LossCoefficients(*spec.coeffs),
       min_answer_length_lm=spec.min_answer_length_lm if spec.min_answer_length_lm > 0 else None)
   return total, {"loss": total, **parts}
-
-
-def _mixed_sequences(process_count: int):
-  def sequences(batch) -> tuple[int, int]:
-    rows = sum(int(np.shape(batch[t]["input_ids"])[0]) for t in TASKS if t in batch)
-    length = next(int(np.shape(batch[t]["input_ids"])[1]) for t in TASKS if t in batch)
-    return rows * process_count, length
-  return sequences
-
-
-def check_vocabulary(config: ConfigDict, model_cfg: MMaDAConfig) -> None:
-  """The model's MASK id and vocabulary must match the data's token ids (clear error if not)."""
-  if str(config.data_source) == "toy":
-    from mmada_jax.train.toy_data import IMAGE_OFFSET, TOY_SPECIALS
-    mask, top, where = TOY_SPECIALS.mask, IMAGE_OFFSET + int(config.toy.codebook_size), "the toy source"
-  elif str(config.data_source) == "records":
-    from mmada_jax.prompting.special_tokens import SpecialTokens
-    from mmada_jax.prompting.text_tokenizer import TextTokenizer
-    tok = TextTokenizer.from_file(str(config.data.text_tokenizer))
-    sp = SpecialTokens.from_tokenizer(tok)
-    mask, top = sp.mask, sp.image_offset + int(model_cfg.codebook_size)
-    where = f"tokenizer {config.data.text_tokenizer}"
-  else:
-    return
-  if model_cfg.mask_token_id != mask:
-    raise ValueError(f"model.mask_token_id={model_cfg.mask_token_id} but {where} uses MASK id {mask}")
-  if model_cfg.vocab_size < top:
-    raise ValueError(f"model.vocab_size={model_cfg.vocab_size} cannot hold the image tokens of {where} "
-                     f"(ids up to {top - 1}: image offset + codebook_size)")
-
-
-def _mixed_stage(name: str, config: ConfigDict, model_cfg: MMaDAConfig) -> Stage:
-  spec = MixedSpec.from_config(config, model_cfg)
-  check_vocabulary(config, model_cfg)
-
-  def loss_fn(params, batch, rng, frozen):
-    return mixed_loss_fn(params, batch, rng, frozen, model_cfg=model_cfg, spec=spec)
-
-  def make_batches(process_index: int, process_count: int):
-    return make_data_iterator(config, process_index, process_count)
-
-  return Stage(name=name, loss_fn=loss_fn, make_batches=make_batches,
-               sequences=_mixed_sequences(jax.process_count()),
-               metric_names=("loss", "loss_t2i", "loss_lm", "loss_mmu"))
-
-
-@register_stage("pretrain")
-def pretrain_stage(config: ConfigDict, model_cfg: MMaDAConfig) -> Stage:
-  """Stages 1.1–1.3 style mixed pre-training (lm rows: pre-training or chat formula per config)."""
-  return _mixed_stage("pretrain", config, model_cfg)
-
-
-@register_stage("sft")
-def sft_stage(config: ConfigDict, model_cfg: MMaDAConfig) -> Stage:
-  """Mix-CoT SFT (stages 2.x): the same loss with lm_chat rows (prompt never noised, 1/ans_len)."""
-  if config.stage.lm_format != "lm_chat":
-    raise ValueError("stage 'sft' trains lm_chat rows: set stage.lm_format='lm_chat'")
-  return _mixed_stage("sft", config, model_cfg)

@@ -1,0 +1,97 @@
+"""The mixed t2i + lm + mmu stages: ``pretrain`` (stages 1.x) and ``sft`` (Mix-CoT, stages 2.x).
+
+The objective itself is :mod:`mmada_jax.diffusion.objectives`; this module binds it to the
+trainer: the data iterator named by ``config.data_source``, the vocabulary check against the
+data's token ids, and the batch spec (``data.<task>.batch_size`` global rows of
+``L = data.max_text_len + data.num_image_tokens + 3`` tokens per task).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from ml_collections import ConfigDict
+
+from mmada_jax.diffusion import objectives
+from mmada_jax.model.config import MMaDAConfig
+from mmada_jax.train.stages import Stage, register_stage
+
+
+def make_data_iterator(config: ConfigDict, process_index: int, process_count: int):
+  """The mixed t2i/lm/mmu iterator named by ``config.data_source``: 'records' (the grain pipeline
+  of ``mmada_jax.data`` over ``config.data``) or 'toy' (:mod:`mmada_jax.train.toy_data`)."""
+  source = str(config.data_source)
+  if source == "toy":
+    from mmada_jax.train.toy_data import make_toy_iterator
+    return make_toy_iterator(config.data, config.toy, process_index, process_count, int(config.data.seed))
+  if source == "records":
+    from mmada_jax.data.pipeline import make_mixed_iterator
+    return make_mixed_iterator(config.data, process_index=process_index, process_count=process_count)
+  raise ValueError(f"config.data_source={source!r} is not one of ('records', 'toy')")
+
+
+def check_vocabulary(config: ConfigDict, model_cfg: MMaDAConfig) -> None:
+  """The model's MASK id and vocabulary must match the data's token ids (clear error if not)."""
+  if str(config.data_source) == "toy":
+    from mmada_jax.train.toy_data import IMAGE_OFFSET, TOY_SPECIALS
+    mask, top, where = TOY_SPECIALS.mask, IMAGE_OFFSET + int(config.toy.codebook_size), "the toy source"
+  elif str(config.data_source) == "records":
+    from mmada_jax.prompting.special_tokens import SpecialTokens
+    from mmada_jax.prompting.text_tokenizer import TextTokenizer
+    tok = TextTokenizer.from_file(str(config.data.text_tokenizer))
+    sp = SpecialTokens.from_tokenizer(tok)
+    mask, top = sp.mask, sp.image_offset + int(model_cfg.codebook_size)
+    where = f"tokenizer {config.data.text_tokenizer}"
+  else:
+    return
+  if model_cfg.mask_token_id != mask:
+    raise ValueError(f"model.mask_token_id={model_cfg.mask_token_id} but {where} uses MASK id {mask}")
+  if model_cfg.vocab_size < top:
+    raise ValueError(f"model.vocab_size={model_cfg.vocab_size} cannot hold the image tokens of {where} "
+                     f"(ids up to {top - 1}: image offset + codebook_size)")
+
+
+def mixed_batch_spec(config: ConfigDict) -> dict[str, dict[str, Any]]:
+  """The global batch of one step: ``data.<task>.batch_size`` rows (tasks with 0 rows absent) of
+  ``data.max_text_len + data.num_image_tokens + 3`` int32 tokens (:func:`objectives.batch_spec`)."""
+  length = int(config.data.max_text_len) + int(config.data.num_image_tokens) + 3
+  return objectives.batch_spec({t: int(config.data[t].batch_size) for t in objectives.TASKS}, length)
+
+
+def mixed_sequences(batch: Any) -> tuple[int, int]:
+  """(rows over the present tasks, token length) of a mixed batch (host batch or spec)."""
+  present = [t for t in objectives.TASKS if t in batch]
+  rows = sum(int(np.shape(batch[t]["input_ids"])[0]) for t in present)
+  return rows, int(np.shape(batch[present[0]]["input_ids"])[1])
+
+
+def _mixed_stage(name: str, config: ConfigDict, model_cfg: MMaDAConfig, abstract: bool) -> Stage:
+  spec = objectives.MixedSpec.from_config(config, model_cfg)
+  batch = mixed_batch_spec(config)
+  if not abstract:
+    check_vocabulary(config, model_cfg)
+
+  def loss_fn(params, batch, rng, frozen):
+    return objectives.mixed_loss_fn(params, batch, rng, frozen, model_cfg=model_cfg, spec=spec)
+
+  def make_batches(process_index: int, process_count: int):
+    if abstract:
+      raise RuntimeError(f"stage {name!r} was built abstract (shapes only): it has no data")
+    return make_data_iterator(config, process_index, process_count)
+
+  return Stage(name=name, loss_fn=loss_fn, make_batches=make_batches, sequences=mixed_sequences,
+               batch_spec=lambda: batch)
+
+
+@register_stage("pretrain")
+def pretrain_stage(config: ConfigDict, model_cfg: MMaDAConfig, abstract: bool = False) -> Stage:
+  """Stages 1.1–1.3 style mixed pre-training (lm rows: pre-training or chat formula per config)."""
+  return _mixed_stage("pretrain", config, model_cfg, abstract)
+
+
+@register_stage("sft")
+def sft_stage(config: ConfigDict, model_cfg: MMaDAConfig, abstract: bool = False) -> Stage:
+  """Mix-CoT SFT (stages 2.x): the same loss with lm_chat rows (prompt never noised, 1/ans_len)."""
+  if config.stage.lm_format != "lm_chat":
+    raise ValueError("stage 'sft' trains lm_chat rows: set stage.lm_format='lm_chat'")
+  return _mixed_stage("sft", config, model_cfg, abstract)
