@@ -17,15 +17,11 @@ from __future__ import annotations
 
 import json
 
-try:
-  from configs import common
-except ImportError:  # run from outside the repository root
-  import os
-  import sys
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from configs import common
+# mmada_jax.configs is this folder (setup.py's package_dir), installed editable or as a wheel.
+from mmada_jax.configs import common
 
-import ml_collections
+from mmada_jax.config_schema import to_config_dict
+from mmada_jax.demo.rewards import DemoConfig
 
 VARIANTS = ("pretrain", "sft", "grpo_text", "grpo_mmu", "grpo_t2i")
 # variant: (steps, lr, warm-up, batch sizes t2i/lm/mmu, coefficients t2i/lm/mmu)
@@ -56,11 +52,9 @@ def get_config(arg: str | None = None):
   c.tensorboard = True
   c.model = common.model_config(**model)
   c.checkpoint = common.checkpoint_config(max_to_keep=2, async_save=True)
-  c.demo = ml_collections.ConfigDict(dict(classifier=paths["classifier"], image_tokenizer=paths["image_tokenizer"],
-                                          max_text_len=s))
   c.sampling = common.sampling_config(
       every=0, text_prompts=["What is 3 + 4?"], t2i_prompts=[f"a handwritten digit {d}" for d in range(4)],
-      gen_length=16, block_length=16, text_steps=16, t2i_timesteps=8, guidance_scale=2.0,
+      gen_length=16, block_length=16, text_steps=16, t2i_steps=8, t2i_guidance_scale=2.0,
       image_tokenizer=paths["image_tokenizer"])
 
   if args.variant in MIXED:
@@ -80,7 +74,7 @@ def get_config(arg: str | None = None):
   c.checkpoint_every = c.steps
   c.data = data_config(built, stage="sft", batch_sizes=(0, 0, 0), seed=int(args.seed))
   c.optimizer = common.optimizer_config(lr=GRPO_LR[args.variant], weight_decay=0.0, warmup_steps=0, grad_accum=1)
-  c.stage = common.stage_config(name="unigrpo", module="mmada_jax.rl.grpo", lm_format="lm_chat")
+  c.stage = common.stage_config(name="unigrpo", lm_format="lm_chat")
   c.rl = common.rl_config()
   c.rl.task = task
   c.rl.prompt_source = "jsonl"
@@ -91,9 +85,10 @@ def get_config(arg: str | None = None):
   c.rl.kl_beta = 0.04
   c.rl.max_text_len = s
   if task == "t2i":
+    c.demo = to_config_dict(DemoConfig, classifier=paths["classifier"])   # read by the rewards below
     c.rl.image_tokenizer = paths["image_tokenizer"]
-    c.rl.rewards_factory = "mmada_jax.demo.rewards:t2i_rewards"
-    c.rl.t2i_timesteps, c.rl.guidance_scale = 8, 2.0
+    c.rl.rewards = "mmada_jax.demo.rewards:t2i_rewards"
+    c.rl.t2i_steps, c.rl.t2i_guidance_scale = 8, 2.0
   else:
     # Text: semi-autoregressive blocks of 4 tokens (as the demo's evaluation decodes); one block
     # of 16 lets the confident trailing EOS padding be committed first and cut answers short.

@@ -14,14 +14,10 @@ names one (the 8B variants' ``init_from`` is cleared).
 """
 from __future__ import annotations
 
-try:
-  from configs import mmada_8b
-except ImportError:  # run from outside the repository root
-  import os
-  import sys
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from configs import mmada_8b
+# mmada_jax.configs is this folder (setup.py's package_dir), installed editable or as a wheel.
+from mmada_jax.configs import mmada_8b
 
+VARIANTS = mmada_8b.VARIANTS
 ARCH = dict(d_model=1536, n_layers=24, n_heads=12, n_kv_heads=12, mlp_hidden_size=4096)
 
 

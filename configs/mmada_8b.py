@@ -40,17 +40,12 @@ UniGRPO (stage 3, spec §8; reconstruction documented in docs/unigrpo.md), from 
 
 G = 16 responses per prompt, μ = 5 inner updates, ε = 0.2, β = 0.04 (k3 KL to the frozen SFT
 reference), AdamW lr 1e-6 without weight decay or warm-up, grad-acc 4, 50k steps. The t2i variant
-needs ``--config.rl.rewards_factory=module:function`` returning the image–text scorers.
+needs ``--config.rl.rewards=module:function`` returning the image–text scorers.
 """
 from __future__ import annotations
 
-try:
-  from configs import common
-except ImportError:  # run from outside the repository root
-  import os
-  import sys
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from configs import common
+# mmada_jax.configs is this folder (setup.py's package_dir), installed editable or as a wheel.
+from mmada_jax.configs import common
 
 # name: (S, N, per-device (t2i, lm, mmu), grad_acc, lr, max_steps, coeffs, lm_format)
 STAGES = {
@@ -113,6 +108,7 @@ def _data(c, stage: str, data_root: str) -> None:
 REMAT = "dots_with_no_batch_dims"
 
 GRPO_STAGES = {"stage3_grpo": "text", "stage3_grpo_mmu": "mmu", "stage3_grpo_t2i": "t2i"}
+VARIANTS = tuple(STAGES) + tuple(GRPO_STAGES)
 
 
 def _grpo_config(args) -> "common.ml_collections.ConfigDict":
@@ -133,7 +129,7 @@ def _grpo_config(args) -> "common.ml_collections.ConfigDict":
     c.data[flow].batch_size = 0
   c.optimizer = common.optimizer_config(lr=1e-6, weight_decay=0.0, warmup_steps=0, grad_accum=4,
                                         schedule_steps=50_000)
-  c.stage = common.stage_config(name="unigrpo", module="mmada_jax.rl.grpo", lm_format="lm_chat")
+  c.stage = common.stage_config(name="unigrpo", lm_format="lm_chat")
   c.rl = common.rl_config()
   c.rl.task = task
   c.rl.group_size, c.rl.inner_updates = 16, 5
@@ -179,6 +175,6 @@ def get_config(arg: str | None = None):
       min_answer_length_lm=1 if args.variant == "stage2_2" else 0)
   c.checkpoint = common.checkpoint_config(max_to_keep=3, keep_period=50_000)
   guidance = 1.5 if args.variant == "stage1_1" else (3.0 if args.variant.startswith("stage1") else 5.0)
-  c.sampling = common.sampling_config(every=0, guidance_scale=guidance,
-                                      t2i_timesteps=12 if args.variant.startswith("stage1") else 20)
+  c.sampling = common.sampling_config(every=0, t2i_guidance_scale=guidance,
+                                      t2i_steps=12 if args.variant.startswith("stage1") else 20)
   return c

@@ -3,24 +3,18 @@
   python -m mmada_jax.train --config=configs/tiny.py:pretrain --workdir=/tmp/tiny
   python -m mmada_jax.train --config=configs/tiny.py:sft --workdir=/tmp/tiny_sft \
       --config.init_from=/tmp/tiny
-  python -m mmada_jax.train --config=configs/tiny.py:grpo --workdir=/tmp/tiny_rl   # needs the RL stage
+  python -m mmada_jax.train --config=configs/tiny.py:grpo --workdir=/tmp/tiny_rl
 
 Variants (first word of the argument): ``pretrain`` (stage-1 style mixed loss, lm pre-training
 formula), ``sft`` (stage-2 style: lm_chat rows, coefficients 1.0/0.5/0.5), ``grpo`` (the UniGRPO
-stage: ``stage.name='unigrpo'`` from ``stage.module='mmada_jax.rl.grpo'`` with the ``rl``
-section).
+stage: ``stage.name='unigrpo'`` with the ``rl`` section, on the toy-digits prompts).
 Options: ``records`` = read ``config.data`` with the grain pipeline instead of the toy source
 (then set ``data.text_tokenizer``, the flows' paths and ``model.vocab_size`` / ids to match).
 """
 from __future__ import annotations
 
-try:
-  from configs import common
-except ImportError:  # run from outside the repository root
-  import os
-  import sys
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from configs import common
+# mmada_jax.configs is this folder (setup.py's package_dir), installed editable or as a wheel.
+from mmada_jax.configs import common
 
 from mmada_jax.train.toy_data import toy_model_fields
 
@@ -52,8 +46,8 @@ def get_config(arg: str | None = None):
       **toy_model_fields(c.toy.codebook_size, c.data.num_image_tokens))
   c.optimizer = common.optimizer_config(lr=3e-3, warmup_steps=10, grad_accum=2)
   c.checkpoint = common.checkpoint_config(max_to_keep=3)
-  c.sampling = common.sampling_config(gen_length=8, block_length=8, text_steps=8, t2i_timesteps=4,
-                                      guidance_scale=1.5)
+  c.sampling = common.sampling_config(gen_length=8, block_length=8, text_steps=8, t2i_steps=4,
+                                      t2i_guidance_scale=1.5)
 
   if args.variant == "pretrain":
     c.stage = common.stage_config(name="pretrain", coeff_t2i=1.0, coeff_lm=0.1, coeff_mmu=1.0, lm_format="lm")
@@ -62,7 +56,7 @@ def get_config(arg: str | None = None):
     c.stage = common.stage_config(name="sft", coeff_t2i=1.0, coeff_lm=0.5, coeff_mmu=0.5, lm_format="lm_chat")
   else:
     # UniGRPO: the stage and its module belong to the RL implementation (spec §8).
-    c.stage = common.stage_config(name="unigrpo", module="mmada_jax.rl.grpo", lm_format="lm_chat")
+    c.stage = common.stage_config(name="unigrpo", lm_format="lm_chat")
     c.rl = common.rl_config()
     c.rl.group_size = 4
     c.rl.prompts_per_step = 4

@@ -5,7 +5,8 @@
   python -m mmada_jax.convert inspect   SRC                             # architecture + tensor table
 
 SRC may be an original Hugging Face directory (config.json + model.safetensors or shards +
-index) or an Orbax directory written by ``to-orbax``. Tensors are read one at a time; the
+index) or an Orbax directory written by ``to-orbax``; its saved generation config
+(generation_config.json's ``mmada_jax`` section) is carried over. Tensors are read one at a time; the
 output is written to a temporary directory and renamed when complete, so an error (a missing or
 mis-shaped tensor, a corrupt file) leaves nothing half-written at DST.
 """
@@ -19,7 +20,7 @@ import shutil
 import sys
 import time
 
-from mmada_jax.checkpoint import hf_mmada, orbax_io
+from mmada_jax.checkpoint import generation_file, hf_mmada, orbax_io
 from mmada_jax.checkpoint.safetensors_io import CheckpointError
 
 
@@ -75,14 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     params, cfg = _load(args.src, args.dtype)
     base = hf_mmada.read_hf_config(args.src)
+    generation = generation_file.read_section(args.src)     # carried over when the source has one
     if args.cmd == "to-orbax":
-      orbax_io.save_params(params, cfg, args.dst, hf_config=base, overwrite=args.overwrite)
+      orbax_io.save_params(params, cfg, args.dst, hf_config=base, generation_config=generation,
+                           overwrite=args.overwrite)
     else:
       tmp = os.path.abspath(args.dst) + ".partial"
       shutil.rmtree(tmp, ignore_errors=True)
       try:
         hf_mmada.save_hf_checkpoint(params, cfg, tmp, dtype=args.dtype, base_config=base,
-                                    max_shard_bytes=args.max_shard_size, progress=True)
+                                    generation_config=generation, max_shard_bytes=args.max_shard_size,
+                                    progress=True)
         if os.path.exists(args.dst):
           shutil.rmtree(args.dst)
         os.replace(tmp, args.dst)

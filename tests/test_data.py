@@ -286,7 +286,8 @@ def test_preprocess_modes(tmp_path):
 @pytest.fixture(scope="module")
 def image_tok():
   import jax
-  from mmada_jax.image_tokenizer import ImageTokenizer, MagvitConfig, VQGANConfig
+  from mmada_jax.api.image_tokenizer import ImageTokenizer
+  from mmada_jax.image_tokenizer import MagvitConfig, VQGANConfig
   vq = VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=(1, 1), resolution=8)
   return ImageTokenizer.init(MagvitConfig(encoder=vq, decoder=vq, class_name="TinyMAGVITv2"), jax.random.PRNGKey(0))
 

@@ -11,7 +11,7 @@ from mmada_jax.demo import tokenizers as demo_tok
 from mmada_jax.demo.classifier import DigitClassifier, train_classifier
 from mmada_jax.demo.data import DemoDataConfig, build_demo_data, data_config, read_jsonl, tokenizer_corpus
 from mmada_jax.prompting import SpecialTokens, TextTokenizer
-from mmada_jax.rl import rewards
+from mmada_jax.rl import answers as answer_lib
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +59,8 @@ def test_captions_and_mmu_answers_match_labels():
       msgs = digits.mmu_messages(d, 1, cot)
       assert msgs[0]["content"] == digits.MMU_QUESTIONS[1] + digits.MMU_COT_SUFFIX * cot
       assert msgs[0]["role"] == "user" and msgs[1]["role"] == "assistant"
-      assert rewards.mmu_answer_correct(msgs[1]["content"], str(d))
-      assert not rewards.mmu_answer_correct(msgs[1]["content"], str((d + 1) % 10))
+      assert answer_lib.mmu_answer_correct(msgs[1]["content"], str(d))
+      assert not answer_lib.mmu_answer_correct(msgs[1]["content"], str((d + 1) % 10))
   labels = np.arange(30) % 10
   caps = digits.random_captions(labels, seed=3)
   assert caps == digits.random_captions(labels, seed=3)
@@ -74,11 +74,11 @@ def test_arithmetic_answers_and_cot():
   assert len(problems) == 100 + 55 and len(set(problems)) == len(problems)
   for p in problems:
     assert p.answer == eval(f"{p.a} {p.op} {p.b}") and p.answer >= 0  # noqa: S307 - digits and +/- only
-    assert rewards.format_ok(p.cot()) and arithmetic.is_correct(p.cot(), p.answer)
+    assert answer_lib.format_ok(p.cot()) and arithmetic.is_correct(p.cot(), p.answer)
     assert not arithmetic.is_correct(p.cot(), p.answer + 1)
     assert p.statement == f"{p.a} {p.op} {p.b} = {p.answer}."
   for p in (arithmetic.Problem(23, "+", 19), arithmetic.Problem(42, "-", 19), arithmetic.Problem(35, "-", 7)):
-    assert arithmetic.is_correct(p.cot(), p.answer) and rewards.format_ok(p.cot())
+    assert arithmetic.is_correct(p.cot(), p.answer) and answer_lib.format_ok(p.cot())
     assert p.cot().endswith(f"</think> {p.answer}")
   texts = arithmetic.pretrain_texts(problems, rows=40, facts_per_row=4, seed=0)
   assert texts == arithmetic.pretrain_texts(problems, rows=40, facts_per_row=4, seed=0)
@@ -113,6 +113,7 @@ def test_text_tokenizer_round_trip(tmp_path):
   assert len(loaded) == len(tok) and loaded.encode(samples[1]) == tok.encode(samples[1])
 
 
+@pytest.mark.slow   # two MAGVIT training runs
 def test_magvit_training_reduces_loss_and_is_deterministic(splits):
   train, _ = splits
   cfg = demo_tok.demo_magvit_config(codebook_bits=6, resolution=16)
@@ -161,6 +162,7 @@ SMALL = DemoDataConfig(magvit=demo_tok.MagvitTrainConfig(steps=6, batch_size=16,
                        classifier_kind="logreg", shard_size=300)
 
 
+@pytest.mark.slow   # builds the demo data twice
 def test_build_demo_data_formats_and_determinism(tmp_path):
   from mmada_jax.data import make_mixed_iterator
   from mmada_jax.data.sources import open_source
@@ -187,7 +189,7 @@ def test_build_demo_data_formats_and_determinism(tmp_path):
   for i in (3, len(mmu) - 1):
     for rec, is_cot in ((mmu[i], False), (cot[i], True)):
       q, ans = rec["messages"][0]["content"], rec["messages"][1]["content"]
-      assert rewards.mmu_answer_correct(ans, str(rec["label"])) and rewards.format_ok(ans) == is_cot
+      assert answer_lib.mmu_answer_correct(ans, str(rec["label"])) and answer_lib.format_ok(ans) == is_cot
       assert q.endswith(digits.MMU_COT_SUFFIX) == is_cot
     assert np.array_equal(mmu[i]["codes"], cot[i]["codes"])
   n_problems = len(arithmetic.all_problems(SMALL.max_operand))

@@ -6,6 +6,7 @@ persistent compilation cache, so the train step compiles once per mesh for the m
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import pathlib
@@ -22,16 +23,15 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))  # the configs/ package lives at the repository root
 
-from configs import common, tiny  # noqa: E402
+from mmada_jax.configs import common, tiny  # noqa: E402  (configs/, installed as mmada_jax.configs)
+from mmada_jax.diffusion import objectives
 from mmada_jax.prompting.special_tokens import IGNORE_ID
+from mmada_jax.sharding import ShardingContext, parse_rules, to_global
 from mmada_jax.sharding.rules import make_mesh, param_shardings
 from mmada_jax.train import checkpointing, optim, stages, state as state_lib
-from mmada_jax.train.step import to_global_batch
 from mmada_jax.train.toy_data import TOY_SPECIALS, make_toy_iterator
-from mmada_jax.train.trainer import model_config, parse_rules
+from mmada_jax.train.trainer import model_config
 
 REF = ("--config.steps=24", "--config.checkpoint_every=4", "--config.log_every=1")
 COMPARED = ("loss", "loss_t2i", "loss_lm", "loss_mmu", "grad_norm", "lr")
@@ -223,6 +223,7 @@ def test_missing_data_paths_are_named(cache, tmp_path):
   assert r.returncode == 2 and "config.init_from='/nonexistent/ckpt' does not exist" in r.stderr
 
 
+@pytest.mark.slow   # three trainer subprocesses (the demo, also slow, runs records + init_from too)
 def test_records_source_sft_and_init_from_workdir(cache, tmp_path):
   """The grain pipeline over synthetic files feeds the same trainer (SFT, lm_chat rows), and
   init_from loads the pre-training workdir's newest params (vocabularies differ, so only when
@@ -294,10 +295,12 @@ def test_state_shardings_follow_params():
   mcfg = model_config(cfg.model)
   tx, _ = optim.make_optimizer(cfg.optimizer, state_lib.abstract_params(mcfg), 10)
   mesh = make_mesh("fsdp=4,tensor=2")
-  abstract, shard = state_lib.state_shardings(mcfg, tx, mesh, parse_rules("vocab=tensor"))
+  _, default = state_lib.state_shardings(mcfg, tx, mesh, parse_rules(""))
+  assert default.params["lm_head"].spec == P("fsdp", "tensor")
+  abstract, shard = state_lib.state_shardings(mcfg, tx, mesh, parse_rules("vocab=none"))  # not the default
   adam = [s for s in jax.tree.leaves(shard.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
           if hasattr(s, "mu")][0]
-  assert adam.mu["lm_head"].spec == shard.params["lm_head"].spec == P("fsdp", "tensor")
+  assert adam.mu["lm_head"].spec == shard.params["lm_head"].spec == P("fsdp", None)
   assert adam.nu["blocks"]["q_proj"].spec == P(None, "fsdp", "tensor", None)
   assert shard.step.spec == P() and abstract.rng.shape == (2,)
   with pytest.raises(ValueError, match="unknown mesh axes"):
@@ -307,20 +310,21 @@ def test_state_shardings_follow_params():
 def test_micro_batches_interleave_rows():
   mesh = make_mesh("fsdp=4,tensor=2")
   x = np.arange(16 * 3).reshape(16, 3)
-  g = to_global_batch({"a": {"ids": x}}, 2, mesh)["a"]["ids"]
+  ctx = ShardingContext.create(mesh)
+  g = to_global({"a": {"ids": x}}, ctx, micro=2)["a"]["ids"]
   assert g.shape == (2, 8, 3) and g.sharding.spec == P(None, ("data", "fsdp"), None)
   np.testing.assert_array_equal(np.asarray(g)[0], x[0::2])
   np.testing.assert_array_equal(np.asarray(g)[1], x[1::2])
   with pytest.raises(ValueError, match="cannot be split"):
-    to_global_batch({"ids": np.zeros((4, 3))}, 2, mesh)
+    to_global({"ids": np.zeros((4, 3))}, ctx, micro=2)
 
 
 def test_mixed_noising_semantics():
   cfg = tiny.get_config("pretrain")
   it = make_toy_iterator(cfg.data, cfg.toy, 0, 1, 0)
   batch = jax.tree.map(jnp.asarray, next(it))
-  spec = stages.MixedSpec.from_config(cfg, model_config(cfg.model))
-  lb, sizes = stages.noise_mixed_batch(batch, jax.random.PRNGKey(3), spec)
+  spec = objectives.MixedSpec.from_config(cfg, model_config(cfg.model))
+  lb, sizes = objectives.noise_mixed_batch(batch, jax.random.PRNGKey(3), spec)
   s, n, mask = cfg.data.max_text_len, cfg.data.num_image_tokens, TOY_SPECIALS.mask
   assert sizes == (16, 16, 16) and lb["input_ids"].shape == (48, s + n + 3)
   ids, labels = np.asarray(lb["input_ids"]), np.asarray(lb["labels"])
@@ -349,7 +353,7 @@ def test_mixed_noising_semantics():
   out = {}
   for mode in ("hard", "original_additive"):
     sp = dataclasses.replace(spec, t2i_attention=mode)
-    loss, parts = jax.jit(lambda pr, b: stages.mixed_loss_fn(pr, b, jax.random.PRNGKey(3), None, model_cfg=mcfg,
+    loss, parts = jax.jit(lambda pr, b: objectives.mixed_loss_fn(pr, b, jax.random.PRNGKey(3), None, model_cfg=mcfg,
                                                              spec=sp))(params, batch)
     out[mode] = {k: float(v) for k, v in parts.items()}
     assert np.isfinite(float(loss))
@@ -365,14 +369,14 @@ def test_chunked_lm_head_loss_equals_full_logits():
   cfg = tiny.get_config("pretrain")
   cfg.model.dtype = "float32"   # fp32 compute: chunk sums agree to rounding (bf16 differs ~0.3%)
   mcfg = model_config(cfg.model)
-  spec = stages.MixedSpec.from_config(cfg, mcfg)
+  spec = objectives.MixedSpec.from_config(cfg, mcfg)
   params = transformer.init_params(mcfg, jax.random.key(0))
   batch = jax.tree.map(jnp.asarray, next(make_toy_iterator(cfg.data, cfg.toy, 0, 1, 0)))
 
   def grad_fn(chunk):
     sp = dataclasses.replace(spec, logits_chunk=chunk)
     return jax.jit(jax.value_and_grad(
-        lambda p: stages.mixed_loss_fn(p, batch, jax.random.key(3), None, model_cfg=mcfg, spec=sp), has_aux=True))
+        lambda p: objectives.mixed_loss_fn(p, batch, jax.random.key(3), None, model_cfg=mcfg, spec=sp), has_aux=True))
 
   (l_full, m_full), g_full = grad_fn(0)(params)
   assert batch["t2i"]["input_ids"].shape[1] % 10 != 0          # 39 positions: the last chunk is padded
@@ -391,28 +395,115 @@ def test_chunked_lm_head_loss_equals_full_logits():
   with pytest.raises(ValueError, match="logits_chunk"):
     bad = tiny.get_config("pretrain")
     bad.stage.logits_chunk = -1
-    stages.MixedSpec.from_config(bad, mcfg)
+    objectives.MixedSpec.from_config(bad, mcfg)
 
 
-def test_checkpoint_falls_back_past_a_damaged_step(tmp_path, caplog):
+def _two_checkpoints(directory: pathlib.Path, mesh, step8_holds: int = 8):
+  """A Checkpointer over ``directory`` with steps 4 and 8 of the tiny model saved (step 8's
+  directory holding ``state.step == step8_holds``); returns (ckpt, abstract state, saved state)."""
   cfg = tiny.get_config("pretrain")
   mcfg = model_config(cfg.model)
   tx, _ = optim.make_optimizer(cfg.optimizer, state_lib.abstract_params(mcfg), 10)
-  mesh = make_mesh("fsdp=8")
   abstract, shard = state_lib.state_shardings(mcfg, tx, mesh)
-  ckpt = checkpointing.Checkpointer(str(tmp_path / "ck"), common.checkpoint_config(max_to_keep=5))
+  ckpt = checkpointing.Checkpointer(str(directory), common.checkpoint_config(max_to_keep=5))
   with jax.set_mesh(mesh):
     state = state_lib.init_state(mcfg, tx, shard, 0)
     ckpt.save(4, state.replace(step=jnp.int32(4)), {"step": 4}, {"step": 4})
-    ckpt.save(8, state.replace(step=jnp.int32(8)), {"step": 8}, {"step": 8})
+    ckpt.save(8, state.replace(step=jnp.int32(step8_holds)), {"step": 8}, {"step": 8})
     ckpt.wait()
-    for sub in ("d", "ocdbt.process_0"):                      # drop the array data of step 8
-      shutil.rmtree(tmp_path / "ck" / "8" / "state" / sub)
+  return ckpt, abstract, state
+
+
+@pytest.mark.parametrize("damage", ["array_data", "commit_marker", "meta_item"])
+def test_checkpoint_falls_back_past_an_incomplete_step(tmp_path, caplog, damage):
+  """A newest step with files missing (array data, Orbax's commit marker, a whole item) is
+  provably incomplete: skipped with a warning naming it and why, the previous step restored."""
+  mesh = make_mesh("fsdp=8")
+  ckpt, abstract, state = _two_checkpoints(tmp_path / "ck", mesh)
+  step8 = tmp_path / "ck" / "8"
+  if damage == "array_data":
+    for sub in ("d", "ocdbt.process_0"):
+      shutil.rmtree(step8 / "state" / sub)
+  elif damage == "commit_marker":
+    (step8 / "state" / checkpointing.COMMIT_MARKER).unlink()
+  else:
+    shutil.rmtree(step8 / "meta")
+  assert ckpt.incomplete_reason(4) is None and ckpt.incomplete_reason(8) is not None
+  with jax.set_mesh(mesh), caplog.at_level("WARNING", logger="mmada_jax.train.checkpointing"):
     step, restored, data, _ = ckpt.restore_latest(abstract)
   ckpt.close()
   assert step == 4 and data == {"step": 4}
-  assert "checkpoint step 8" in caplog.text
+  want = {"array_data": "ocdbt.process_", "commit_marker": "commit marker", "meta_item": "['meta']"}[damage]
+  assert "checkpoint step 8" in caplog.text and "incomplete" in caplog.text and want in caplog.text, caplog.text
   np.testing.assert_array_equal(np.asarray(restored.params["wte"]), np.asarray(state.params["wte"]))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")   # TensorStore's failed reads
+def test_checkpoint_that_is_complete_but_unreadable_raises_naming_the_step(tmp_path, caplog):
+  """Corrupt array bytes, a shape mismatch, a wrong step inside: an error naming step 8 and the
+  cause, never a silent rewind to step 4."""
+  mesh = make_mesh("fsdp=8")
+  ckpt, abstract, _ = _two_checkpoints(tmp_path / "ck", mesh)
+  other = tiny.get_config("pretrain")
+  other.model.d_model = 32
+  mcfg = model_config(other.model)
+  small, _ = state_lib.state_shardings(mcfg, optim.make_optimizer(other.optimizer, state_lib.abstract_params(mcfg),
+                                                                  10)[0], mesh)
+  with jax.set_mesh(mesh):
+    with pytest.raises(checkpointing.RestoreError, match=r"checkpoint step 8 in .* cannot be restored .*shape"):
+      ckpt.restore_latest(small)
+    data_files = list((tmp_path / "ck" / "8" / "state").glob("ocdbt.process_*/d/*"))
+    assert data_files
+    for f in data_files:
+      f.write_bytes(b"not an ocdbt data file" * 8)
+    assert ckpt.incomplete_reason(8) is None
+    with pytest.raises(checkpointing.RestoreError, match=r"checkpoint step 8 in .* cannot be restored"):
+      ckpt.restore_latest(abstract)
+  ckpt.close()
+  gc.collect()   # Orbax's abandoned TensorStore reads end here, inside the test's warning filter
+  assert "trying the previous one" not in caplog.text
+  ckpt, abstract, _ = _two_checkpoints(tmp_path / "ck2", mesh, step8_holds=5)
+  with jax.set_mesh(mesh), pytest.raises(checkpointing.RestoreError, match="step 8 .* holds state.step=5"):
+    ckpt.restore_latest(abstract)
+  ckpt.close()
+
+
+def test_only_incomplete_checkpoints_is_an_error(tmp_path):
+  mesh = make_mesh("fsdp=8")
+  ckpt, abstract, _ = _two_checkpoints(tmp_path / "ck", mesh)
+  for step in (4, 8):
+    (tmp_path / "ck" / str(step) / checkpointing.COMMIT_MARKER).unlink()
+  with jax.set_mesh(mesh), pytest.raises(checkpointing.RestoreError, match=r"every step is incomplete:\n  step 8: .*\n  step 4"):
+    ckpt.restore_latest(abstract)
+  ckpt.close()
+
+
+def test_preemption_sync_decided_once_at_start_up(monkeypatch):
+  """Multi-process: an unavailable preemption sync point is said once at start-up and never
+  called; an available one is called every step and its errors propagate."""
+  from jax.experimental import multihost_utils
+  from mmada_jax.train import trainer
+  calls = []
+
+  def sync_point(step):
+    calls.append(step)
+    raise RuntimeError("sync point broke")
+
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", sync_point)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  said = []
+  monkeypatch.setattr(trainer, "preemption_sync_unavailable", lambda: "the jax_enable_preemption_service option is off")
+  p = trainer._Preemption(said.append)
+  assert len(said) == 1 and said[0].startswith("preemption handling is off: the jax_enable_preemption_service")
+  assert not p.reached(0) and not p.reached(1) and calls == [] and len(said) == 1
+  monkeypatch.setattr(trainer, "preemption_sync_unavailable", lambda: None)
+  p = trainer._Preemption(said.append)
+  assert len(said) == 1
+  with pytest.raises(RuntimeError, match="sync point broke"):
+    p.reached(3)
+  assert calls == [3]
+  monkeypatch.undo()
+  assert trainer.preemption_sync_unavailable() is not None   # single process: no sync manager
 
 
 def test_init_from_original_checkpoint(tiny_mmada_dir):
@@ -433,19 +524,52 @@ def test_init_from_original_checkpoint(tiny_mmada_dir):
 
 def test_grpo_variant_parses_and_unknown_stages_fail_clearly():
   cfg = tiny.get_config("grpo")
-  assert cfg.stage.name == "unigrpo" and cfg.stage.module == "mmada_jax.rl.grpo" and cfg.rl.group_size == 4
-  cfg.stage.module = "mmada_jax.rl.no_such_module"
-  with pytest.raises(ValueError, match="stage 'unigrpo': cannot import its module 'mmada_jax.rl.no_such_module'"):
-    stages.get_stage(cfg, model_config(cfg.model))
-  cfg.stage.module = ""
+  assert cfg.stage.name == "unigrpo" and "module" not in cfg.stage and cfg.rl.group_size == 4
+  assert {"pretrain", "sft", "unigrpo", "grpo"} <= set(stages.STAGES)     # the registry's own stages
   cfg.stage.name = "no_such_stage"
   with pytest.raises(ValueError, match="training stage 'no_such_stage' is not registered; registered stages: "):
     stages.get_stage(cfg, model_config(cfg.model))
 
 
+def test_stage_batch_specs_and_the_first_batch_check():
+  """Each stage declares its global batch; a host batch that differs fails naming the leaf."""
+  cfg = tiny.get_config("pretrain")
+  mcfg = model_config(cfg.model)
+  stage = stages.get_stage(cfg, mcfg)
+  spec = stage.batch_spec()
+  length = cfg.data.max_text_len + cfg.data.num_image_tokens + 3
+  assert {t: {k: (v.shape, v.dtype) for k, v in d.items()} for t, d in spec.items()} == {
+      t: {k: ((cfg.data[t].batch_size, length), np.int32) for k in keys}
+      for t, keys in (("t2i", ("input_ids", "attention_mask")), ("lm", ("input_ids", "prompt_mask")),
+                      ("mmu", ("input_ids", "prompt_mask")))}
+  assert stage.sequences(spec) == (48, length) and stage.logit_shape is None
+  host = next(make_toy_iterator(cfg.data, cfg.toy, 0, 2, 0))      # process 0 of 2: half the rows
+  stages.check_batch(host, spec, 2)
+  with pytest.raises(ValueError, match=r"leaf \['lm'\]\['input_ids'\]: got int32 \(8, 39\), .* wants int32 \(16, 39\)"):
+    stages.check_batch(host, spec, 1)
+  bad = {**host, "lm": {**host["lm"], "prompt_mask": host["lm"]["prompt_mask"].astype(np.int64)}}
+  with pytest.raises(ValueError, match=r"leaf \['lm'\]\['prompt_mask'\]: got int64"):
+    stages.check_batch(bad, spec, 2)
+  with pytest.raises(ValueError, match=r"missing leaves \[\"\['mmu'\]\['input_ids'\]\", \"\['mmu'\]\['prompt_mask'\]\"\]"):
+    stages.check_batch({k: v for k, v in host.items() if k != "mmu"}, spec, 2)
+  # Abstract stages (AOT): from the config alone; a factory without ``abstract`` cannot.
+  grpo = tiny.get_config("grpo")
+  abstract = stages.get_stage(grpo, model_config(grpo.model), abstract=True)
+  assert "reward/digit_match" not in abstract.batch_spec() and abstract.batch_spec()["targets"].shape == (16, 8)
+  with pytest.raises(RuntimeError, match="abstract"):
+    abstract.make_batches(0, 1)
+  stages.register_stage("plain_test")(lambda config, model_cfg: stage)
+  try:
+    cfg.stage.name = "plain_test"
+    with pytest.raises(ValueError, match="takes no 'abstract' argument"):
+      stages.get_stage(cfg, mcfg, abstract=True)
+  finally:
+    del stages.STAGES["plain_test"]
+
+
 def test_8b_stage_configs():
   """The original's stage table, and the 8B state's shardings (abstract: nothing allocated)."""
-  from configs import mmada_8b
+  from mmada_jax.configs import mmada_8b
   want = {"stage1_1": (387, (7, 2, 6), 2, 1e-4, 500_000, (1.0, 0.1, 1.0), ""),
           "stage1_2": (515, (7, 2, 3), 2, 5e-5, 1_000_000, (1.0, 0.1, 0.5), "stage1_1"),
           "stage1_3": (1539, (4, 1, 1), 4, 5e-5, 1_000_000, (1.0, 0.4, 0.5), "stage1_2"),
@@ -469,7 +593,7 @@ def test_8b_stage_configs():
   abstract, shard = state_lib.state_shardings(mcfg, tx, make_mesh("fsdp=4,tensor=2"))
   assert shard.params["wte"].spec == P("tensor", "fsdp")
   assert abstract.params["blocks"]["ff_out"].shape == (32, 12288, 4096)
-  from configs import mmada_1b   # the ~1B benchmark model: the 8B recipes, a smaller transformer
+  from mmada_jax.configs import mmada_1b   # the ~1B benchmark model: the 8B recipes, a smaller transformer
   c1 = mmada_1b.get_config("stage1_3,devices=8")
   assert abs(model_config(c1.model).num_params() - 1.09e9) < 0.01e9 and c1.init_from == ""
   assert c1.data.t2i.batch_size == c.data.t2i.batch_size // 8

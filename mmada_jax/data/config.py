@@ -1,103 +1,161 @@
 """The ``config.data`` section: where the three training flows read from and how they are batched.
 
-Fields (``default_data_config()``):
-
-* ``text_tokenizer`` (str): ``tokenizer.json`` or its folder; used when no tokenizer is passed.
-* ``max_text_len`` (int): S, the text budget. ``num_image_tokens`` (int): N. Rows are L = S + N + 3.
-* ``seed`` (int), ``shuffle`` (bool), ``num_epochs`` (int | None: None = repeat forever). Epochs
-  follow the original ``CombinedLoader(mode="max_size_cycle")``: the flow with the most batches
-  per epoch sets the epoch length, shorter flows cycle (reshuffled each cycle).
-* ``worker_count`` (int): grain worker processes (0 = in the main process, as in tests). With k
-  workers, worker i reads rows i, i+k, ... of each flow's stream and batches them itself, so the
-  batches depend on k (deterministic for a fixed k; a saved state restores only with the same k). ``worker_buffer_size`` (int) batches
-  per worker; ``read_threads`` (int) and ``prefetch_buffer_size`` (int) for the threaded
-  per-record reads.
-* ``cond_dropout_prob`` (float): t2i classifier-free-guidance caption dropout (0.1).
-* ``t2i`` / ``lm`` / ``mmu``: one section per flow with
-    - ``batch_size`` (int): GLOBAL rows per step over all hosts (each host gets
-      ``batch_size / process_count``); 0 = the flow is off and absent from the batch.
-    - ``path`` (str), ``format`` (``auto`` | ``shards`` | ``tfds`` | ``jsonl`` | ``parquet``),
-      ``split`` (str, tfds only), ``kind`` (``t2i``; ``lm`` | ``lm_chat``; ``mmu``).
-    - ``sources`` (list of dicts with ``path``, and optionally ``format``, ``split``, ``kind``,
-      ``weight``): several datasets mixed per batch in proportion to ``weight`` (e.g. stage 2.2's
-      lm 0.02 / lm_chat 0.98); when non-empty it replaces ``path``.
-    - ``text_field`` (str): column holding the caption / text (``text``).
-  Flow-specific:
-    - t2i ``first_sentence_prob`` (float): probability of keeping only a caption's first sentence
-      (stage 1.2 uses 0.5).
-    - lm ``strip_newlines`` (bool) and ``max_chars`` (int, 0 = off): RefinedWeb preprocessing
-      (newlines removed, a random ``max_chars`` window of longer documents), for ``kind`` lm
-      sources; ``max_tokens`` (int, 0 = off): keep only lm_chat rows with fewer tokens (the
-      original ``ChatDataset`` filter; a window of 1000 rows all dropped raises ValueError).
-    - mmu ``caption_prompts`` (str): JSON file with a list of caption instructions for caption-only
-      rows ("" = the built-in list); ``literal_eot`` (bool): write the original's literal
-      ``<eot_id>`` (no pipes) in caption prompts (QUIRK, default True).
+Its keys, types and defaults are the dataclasses below (:class:`DataConfig` with one sub-section
+per flow, :class:`T2IFlowConfig` / :class:`LMFlowConfig` / :class:`MMUFlowConfig`, whose
+``sources`` are :class:`SourceConfig` dicts); :func:`default_data_config` is their ConfigDict.
+Epochs follow the original ``CombinedLoader(mode="max_size_cycle")``: the flow with the most
+batches per epoch sets the epoch length, shorter flows cycle (reshuffled each cycle).
 """
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Literal
 
 import ml_collections
-from ml_collections import config_dict
+
+from mmada_jax.config_schema import parse, to_config_dict
 
 TASKS = ("t2i", "lm", "mmu")
 FORMATS = ("auto", "shards", "tfds", "jsonl", "parquet")
 KINDS = {"t2i": ("t2i",), "lm": ("lm", "lm_chat"), "mmu": ("mmu",)}
+Format = Literal["auto", "shards", "tfds", "jsonl", "parquet"]
 
 
-def _task(kind: str, batch_size: int) -> ml_collections.ConfigDict:
-  t = ml_collections.ConfigDict()
-  t.batch_size = batch_size
-  t.path = ""
-  t.format = "auto"
-  t.split = "train"
-  t.kind = kind
-  t.sources = []
-  t.text_field = "text"
-  return t
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+  """One dataset of a flow's ``sources`` list: ``path``, and ``format`` / ``split`` / ``kind``
+  (None = the flow's own) and ``weight`` (its share of each batch, relative to the others)."""
+  path: str = ""
+  format: Format | None = None
+  split: str | None = None
+  kind: str | None = None
+  weight: float = 1.0
 
 
-def default_data_config() -> ml_collections.ConfigDict:
-  """Defaults: stage 1.1 shapes (S = 128, N = 256, L = 387) and per-device batch sizes 7 / 2 / 6."""
-  c = ml_collections.ConfigDict()
-  c.text_tokenizer = ""
-  c.max_text_len = 128
-  c.num_image_tokens = 256
-  c.seed = 10086
-  c.shuffle = True
-  c.num_epochs = config_dict.placeholder(int)
-  c.worker_count = 0
-  c.worker_buffer_size = 2
-  c.read_threads = 4
-  c.prefetch_buffer_size = 16
-  c.cond_dropout_prob = 0.1
+@dataclasses.dataclass(frozen=True)
+class FlowConfig:
+  """Keys every flow section (``data.t2i`` / ``data.lm`` / ``data.mmu``) has.
 
-  c.t2i = _task("t2i", 7)
-  c.t2i.first_sentence_prob = 0.0
+  ``batch_size``: GLOBAL rows per step over all hosts (each host gets ``batch_size /
+  process_count``); 0 = the flow is off and absent from the batch. ``path``, ``format``
+  (auto | shards | tfds | jsonl | parquet), ``split`` (tfds only), ``kind`` (t2i; lm | lm_chat;
+  mmu). ``sources``: several datasets mixed per batch in proportion to their ``weight`` (e.g.
+  stage 2.2's lm 0.02 / lm_chat 0.98); when non-empty it replaces ``path``. ``text_field``: the
+  column holding the caption / text.
+  """
+  batch_size: int = 0
+  path: str = ""
+  format: Format = "auto"
+  split: str = "train"
+  kind: str = ""
+  sources: list[SourceConfig] = dataclasses.field(default_factory=list)
+  text_field: str = "text"
 
-  c.lm = _task("lm", 2)
-  c.lm.strip_newlines = False
-  c.lm.max_chars = 0
-  c.lm.max_tokens = 0
+  def formatter_options(self) -> dict[str, Any]:
+    """The flow-specific keyword arguments of the row formatter (none for the base keys)."""
+    return {}
 
-  c.mmu = _task("mmu", 6)
-  c.mmu.caption_prompts = ""
-  c.mmu.literal_eot = True
-  return c
+
+@dataclasses.dataclass(frozen=True)
+class T2IFlowConfig(FlowConfig):
+  """``data.t2i``; ``first_sentence_prob``: probability of keeping only a caption's first
+  sentence (stage 1.2 uses 0.5)."""
+  batch_size: int = 7
+  kind: str = "t2i"
+  first_sentence_prob: float = 0.0
+
+  def formatter_options(self) -> dict[str, Any]:
+    return {"first_sentence_prob": self.first_sentence_prob}
+
+
+@dataclasses.dataclass(frozen=True)
+class LMFlowConfig(FlowConfig):
+  """``data.lm``; ``strip_newlines`` and ``max_chars`` (0 = off): RefinedWeb preprocessing
+  (newlines removed, a random ``max_chars`` window of longer documents) of ``kind`` lm sources;
+  ``max_tokens`` (0 = off): keep only lm_chat rows with fewer tokens (the original
+  ``ChatDataset`` filter; a window of 1000 rows all dropped raises ValueError)."""
+  batch_size: int = 2
+  kind: str = "lm"
+  strip_newlines: bool = False
+  max_chars: int = 0
+  max_tokens: int = 0
+
+  def formatter_options(self) -> dict[str, Any]:
+    return {"strip_newlines": self.strip_newlines, "max_chars": self.max_chars, "max_tokens": self.max_tokens}
+
+
+@dataclasses.dataclass(frozen=True)
+class MMUFlowConfig(FlowConfig):
+  """``data.mmu``; ``caption_prompts``: JSON file with a list of caption instructions for
+  caption-only rows ("" = the built-in list); ``literal_eot``: write the original's literal
+  ``<eot_id>`` (no pipes) in caption prompts (QUIRK, default True)."""
+  batch_size: int = 6
+  kind: str = "mmu"
+  caption_prompts: str = ""
+  literal_eot: bool = True
+
+  def formatter_options(self) -> dict[str, Any]:
+    return {"caption_prompts": self.caption_prompts, "literal_eot": self.literal_eot}
+
+
+FLOW_SECTIONS: dict[str, type[FlowConfig]] = {"t2i": T2IFlowConfig, "lm": LMFlowConfig, "mmu": MMUFlowConfig}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """The ``config.data`` section. Defaults: stage 1.1 shapes (S = 128, N = 256, L = 387) and
+  per-device batch sizes 7 / 2 / 6.
+
+  ``text_tokenizer``: ``tokenizer.json`` or its folder (used when no tokenizer is passed).
+  ``max_text_len``: S, the text budget; ``num_image_tokens``: N; rows are L = S + N + 3.
+  ``seed``, ``shuffle``, ``num_epochs`` (None = repeat forever). ``worker_count``: grain worker
+  processes (0 = in the main process, as in tests); with k workers, worker i reads rows i, i+k,
+  ... of each flow's stream and batches them itself, so the batches depend on k (deterministic
+  for a fixed k; a saved state restores only with the same k). ``worker_buffer_size``: batches
+  per worker; ``read_threads`` and ``prefetch_buffer_size``: the threaded per-record reads.
+  ``cond_dropout_prob``: t2i classifier-free-guidance caption dropout.
+  """
+  text_tokenizer: str = ""
+  max_text_len: int = 128
+  num_image_tokens: int = 256
+  seed: int = 10086
+  shuffle: bool = True
+  num_epochs: int | None = None
+  worker_count: int = 0
+  worker_buffer_size: int = 2
+  read_threads: int = 4
+  prefetch_buffer_size: int = 16
+  cond_dropout_prob: float = 0.1
+  t2i: T2IFlowConfig = dataclasses.field(default_factory=T2IFlowConfig)
+  lm: LMFlowConfig = dataclasses.field(default_factory=LMFlowConfig)
+  mmu: MMUFlowConfig = dataclasses.field(default_factory=MMUFlowConfig)
+
+
+def default_data_config(**overrides: Any) -> ml_collections.ConfigDict:
+  """The ConfigDict of :class:`DataConfig`'s defaults with ``overrides``."""
+  return to_config_dict(DataConfig, **overrides)
+
+
+def flow_config(cfg: Any, task: str) -> FlowConfig:
+  """The ``data.<task>`` section of ``cfg`` (``config.data`` as a ConfigDict, mapping or
+  :class:`DataConfig`) parsed into its flow dataclass (ConfigError on an unknown key)."""
+  if task not in FLOW_SECTIONS:
+    raise ValueError(f"unknown flow {task!r}; flows are {TASKS}")
+  sec = getattr(cfg, task) if isinstance(cfg, DataConfig) else cfg[task]
+  return parse(FLOW_SECTIONS[task], sec, f"data.{task}")
 
 
 def task_sources(cfg: Any, task: str) -> list[dict[str, Any]]:
   """The flow's datasets as dicts ``{path, format, split, kind, weight, key}`` (``key`` names the
-  config entry for error messages). Raises ValueError on an unknown format, kind or weight."""
-  sec = cfg[task]
-  entries = list(sec.sources) if len(sec.sources) else [{"path": sec.path}]
+  config entry for error messages). Raises ValueError on an unknown key, format, kind or weight."""
+  flow = flow_config(cfg, task)
+  entries = list(flow.sources) if flow.sources else [SourceConfig(path=flow.path)]
   out = []
   for i, e in enumerate(entries):
-    e = dict(e)
-    key = f"data.{task}.sources[{i}].path" if len(sec.sources) else f"data.{task}.path"
-    src = {"path": str(e.get("path", "") or ""), "format": e.get("format", sec.format),
-           "split": e.get("split", sec.split), "kind": e.get("kind", sec.kind),
-           "weight": float(e.get("weight", 1.0)), "key": key}
+    key = f"data.{task}.sources[{i}].path" if flow.sources else f"data.{task}.path"
+    src = {"path": e.path or "", "format": flow.format if e.format is None else e.format,
+           "split": flow.split if e.split is None else e.split, "kind": flow.kind if e.kind is None else e.kind,
+           "weight": e.weight, "key": key}
     if src["format"] not in FORMATS:
       raise ValueError(f"{key[:-5]}.format={src['format']!r}: expected one of {FORMATS}")
     if src["kind"] not in KINDS[task]:

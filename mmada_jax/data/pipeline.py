@@ -43,7 +43,7 @@ from typing import Any, Mapping
 import grain
 import numpy as np
 
-from mmada_jax.data.config import TASKS, task_sources
+from mmada_jax.data.config import TASKS, FlowConfig, flow_config, task_sources
 from mmada_jax.data.formatting import DEFAULT_CAPTION_PROMPTS, TASK_IDS, BatchBuilder, RowFormatter
 from mmada_jax.data.sources import open_source
 from mmada_jax.prompting.special_tokens import SpecialTokens
@@ -97,6 +97,14 @@ def _caption_prompts(path: str) -> tuple[str, ...]:
   return tuple(prompts)
 
 
+def _formatter_options(flow: FlowConfig) -> dict[str, Any]:
+  """The flow's own RowFormatter arguments, caption prompts read from their file."""
+  opts = flow.formatter_options()
+  if "caption_prompts" in opts:
+    opts["caption_prompts"] = _caption_prompts(opts["caption_prompts"])
+  return opts
+
+
 def make_flow_dataset(data_cfg: Any, task: str, tokenizer: Any, specials: SpecialTokens,
                       shard: grain.sharding.ShardOptions, seed: int,
                       emit_index: bool = False) -> tuple[grain.IterDataset, FlowInfo]:
@@ -105,7 +113,7 @@ def make_flow_dataset(data_cfg: Any, task: str, tokenizer: Any, specials: Specia
   Raises FileNotFoundError for a missing/empty path (naming the config key), ValueError when the
   global batch size does not split over the hosts or a shard is empty.
   """
-  sec = data_cfg[task]
+  sec = flow_config(data_cfg, task)
   global_bs = int(sec.batch_size)
   if global_bs % shard.shard_count:
     raise ValueError(f"data.{task}.batch_size={global_bs} is not divisible by the {shard.shard_count} processes")
@@ -137,11 +145,7 @@ def make_flow_dataset(data_cfg: Any, task: str, tokenizer: Any, specials: Specia
     fmt = RowFormatter(
         kind=src["kind"], tokenizer=tokenizer, specials=specials, seed=seed, source_index=si, epoch_len=epoch_len,
         max_text_len=s, num_image_tokens=n, text_field=sec.text_field,
-        cond_dropout_prob=float(data_cfg.cond_dropout_prob),
-        first_sentence_prob=float(sec.get("first_sentence_prob", 0.0)),
-        strip_newlines=bool(sec.get("strip_newlines", False)), max_chars=int(sec.get("max_chars", 0)),
-        max_tokens=int(sec.get("max_tokens", 0)), caption_prompts=_caption_prompts(sec.get("caption_prompts", "")),
-        literal_eot=bool(sec.get("literal_eot", True)), name=src["key"])
+        cond_dropout_prob=float(data_cfg.cond_dropout_prob), name=src["key"], **_formatter_options(sec))
     ds = ds.map_with_index(fmt)
     if fmt.max_tokens and fmt.kind == "lm_chat":
       # Rows over the length limit come back as None; grain's filter raises once a whole window

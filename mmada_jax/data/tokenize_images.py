@@ -390,15 +390,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--text-field", default="text")
   p.add_argument("--image-field", default=None)
   p.add_argument("--num-threads", type=int, default=8, help="image decode/resize threads")
-  p.add_argument("--dtype", default="float32", help="tokenizer compute dtype")
+  p.add_argument("--dtype", default="float32", help="tokenizer parameter and compute dtype")
   p.add_argument("--skip-bad", action="store_true", help="skip images that fail to load")
   p.add_argument("--overwrite", action="store_true", help="replace a complete --output")
   p.add_argument("--restart", action="store_true", help="discard a partial run with other settings")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-  from mmada_jax.image_tokenizer import ImageTokenizer
-  tok = ImageTokenizer.from_pretrained(args.tokenizer, dtype=args.dtype)
+  from mmada_jax.api.image_tokenizer import ImageTokenizer
+  tok = ImageTokenizer.from_pretrained(args.tokenizer, param_dtype=args.dtype, dtype=args.dtype)
   try:
     manifest = tokenize_images(tok, args.input, args.output, resolution=args.resolution, resize=args.resize,
                                batch_size=args.batch_size, shard_size=args.shard_size, text_field=args.text_field,

@@ -32,8 +32,7 @@ PRESETS = {
 }
 # UniGRPO on text runs last, so the final model is the one whose arithmetic is measured "after GRPO".
 STAGES = ("pretrain", "sft", "grpo_mmu", "grpo_t2i", "grpo_text")
-CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                           "configs", "demo.py")
+CONFIG_NAME = "demo.py"   # in the installed mmada_jax.configs (the checkout's configs/ when editable)
 
 
 def _log(msg: str) -> None:
@@ -41,9 +40,9 @@ def _log(msg: str) -> None:
 
 
 def _stage_config(stage: str, data_json: str, steps: int, seed: int):
-  from mmada_jax.train.trainer import load_config_file
+  from mmada_jax.train.config_files import load_config_file, packaged_config_dir
   arg = f"{stage},data={data_json},seed={seed}" + (f",steps={steps}" if steps else "")
-  return load_config_file(f"{CONFIG_FILE}:{arg}")
+  return load_config_file(f"{os.path.join(packaged_config_dir(), CONFIG_NAME)}:{arg}")
 
 
 def _load_params(stage_dir: str, model_cfg):
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
   os.makedirs(workdir, exist_ok=True)
 
   import numpy as np
-  from mmada_jax import ImageTokenizer, MMaDA
+  from mmada_jax import GenerationConfig, ImageTokenizer, MMaDA
   from mmada_jax.demo import data as demo_data, evaluate
   from mmada_jax.demo.classifier import DigitClassifier
   from mmada_jax.demo.samples import save_samples_png
@@ -120,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
       return code
     prev = stage
     if stage == "sft":
-      sft = MMaDA(_load_params(os.path.join(workdir, "sft"), model_cfg), model_cfg)
+      sft = MMaDA(_load_params(os.path.join(workdir, "sft"), model_cfg), model_cfg,
+                  generation_config=GenerationConfig.from_stage_config(cfg))
       records = demo_data.read_jsonl(paths["eval_arith"])
       if preset["text_eval"]:
         records = records[:preset["text_eval"]]
@@ -132,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
   _log("3/4 evaluating the final model")
   t0 = time.time()
   s = int(built["model"]["max_text_len"])
-  final = MMaDA(_load_params(os.path.join(workdir, prev), model_cfg), model_cfg,
-                hf_config={"max_text_len": s})
+  # Saved with the model: the data's prompt layout, the stage's sampler settings, text decoded
+  # in blocks of 4 as the evaluation and the text GRPO stage do.
+  gen_cfg = GenerationConfig.from_stage_config(cfg).replace(max_text_len=s, block_length=4)
+  final = MMaDA(_load_params(os.path.join(workdir, prev), model_cfg), model_cfg, generation_config=gen_cfg)
   text_after, text_samples = _evaluate_text(final, tok, records)
   # text-to-image: the evaluation prompts (>= 100 for the full preset), classified.
   ev_t2i = demo_data.read_jsonl(paths["eval_t2i"])

@@ -2,7 +2,7 @@
 
 A problem is ``a op b`` with integers 0 ≤ a, b ≤ ``max_operand``; ``-`` keeps a ≥ b (no negative
 answers). Its CoT response is ``<think> … </think> answer``, the layout that
-:func:`mmada_jax.rl.rewards.format_ok` and :func:`mmada_jax.rl.rewards.extract_answer` expect:
+:func:`mmada_jax.rl.answers.format_ok` and :func:`mmada_jax.rl.answers.extract_answer` expect:
 
 * both operands < 10: ``<think> 7 + 5 = 12 </think> 12``;
 * otherwise tens and ones separately, e.g. ``<think> 20 + 10 = 30 , 3 + 9 = 12 , 30 + 12 = 42 </think> 42``
@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mmada_jax.rl import rewards
+from mmada_jax.rl import answers as answer_lib
 
 OPS = ("+", "-")
 QUESTION_TEMPLATE = "What is {a} {op} {b}?"
@@ -108,14 +108,14 @@ def chat_messages(problem: Problem, system: str | None = None) -> list[dict[str,
 
 
 def prompt_record(problem: Problem) -> dict[str, object]:
-  """A GRPO / evaluation prompt in ``mmada_jax.rl.grpo.load_jsonl_records`` form."""
+  """A GRPO / evaluation prompt in ``mmada_jax.rl.prompts.load_jsonl_records`` form."""
   return {"question": problem.question, "answer": str(problem.answer), "a": problem.a, "op": problem.op,
           "b": problem.b}
 
 
 def is_correct(completion: str, answer: int | str) -> bool:
   """The reward's notion of a correct completion: final answer (after ``</think>``) equals ``answer``."""
-  return rewards.answers_match(rewards.extract_answer(completion), str(answer))
+  return answer_lib.answers_match(answer_lib.extract_answer(completion), str(answer))
 
 
 def score(completions: Sequence[str], answers: Sequence[int | str]) -> dict[str, float]:
@@ -124,4 +124,4 @@ def score(completions: Sequence[str], answers: Sequence[int | str]) -> dict[str,
     raise ValueError(f"{len(completions)} completions for {len(answers)} answers")
   n = max(1, len(completions))
   return {"accuracy": sum(is_correct(c, a) for c, a in zip(completions, answers)) / n,
-          "format": sum(rewards.format_ok(c) for c in completions) / n}
+          "format": sum(answer_lib.format_ok(c) for c in completions) / n}

@@ -64,7 +64,7 @@ class DemoDataConfig:
   t2i_augment_copies: int = 0          # ... and to the t2i data
   t2i_eval_per_digit: int = 12
   grpo_mmu_images: int = 256
-  thinking_prompt: bool = False        # prepend rl.grpo.THINKING_PROMPT to SFT questions
+  thinking_prompt: bool = False        # prepend rl.prompts.THINKING_PROMPT to SFT questions
   classifier_kind: str = "mlp"
   shard_size: int = 512
 
@@ -148,7 +148,7 @@ def tokenizer_corpus(problems: Sequence[arithmetic.Problem], thinking_prompt: bo
   texts += number_word_texts(50, 0)
   texts += ["user\nassistant\nsystem\n"] * 20
   if thinking_prompt:
-    from mmada_jax.rl.grpo import THINKING_PROMPT
+    from mmada_jax.rl.prompts import THINKING_PROMPT
     texts += [THINKING_PROMPT] * 20
   return texts
 
@@ -160,7 +160,7 @@ def _text_lengths(tok, problems: Sequence[arithmetic.Problem], thinking_prompt: 
   ``mmu_cot_answer`` (CoT response + <|eot_id|>: the generation lengths the samplers need)."""
   system = None
   if thinking_prompt:
-    from mmada_jax.rl.grpo import THINKING_PROMPT
+    from mmada_jax.rl.prompts import THINKING_PROMPT
     system = THINKING_PROMPT
   caps = [digits.caption(d, t) for d in range(10) for t in range(len(digits.CAPTION_TEMPLATES))]
   t2i = max(len(tok.encode(c, add_special_tokens=False)) for c in caps) + 3
@@ -296,7 +296,7 @@ def build_demo_data(workdir: str, seed: int = 0, config: DemoDataConfig = DemoDa
   mtrain = dataclasses.replace(config.magvit, seed=sub_seed(seed, "magvit"))
   img_tok, mstats = train_magvit(digits.to_float(all_images), mcfg, mtrain, log=say)
   paths["image_tokenizer"] = os.path.join(workdir, "tokenizers", "magvit")
-  img_tok.save_pretrained(paths["image_tokenizer"])
+  img_tok.save_pretrained(paths["image_tokenizer"], overwrite=True)
   timings["magvit_train"] = time.perf_counter() - t
 
   t = time.perf_counter()
@@ -343,7 +343,7 @@ def build_demo_data(workdir: str, seed: int = 0, config: DemoDataConfig = DemoDa
   # --- text datasets
   system = None
   if config.thinking_prompt:
-    from mmada_jax.rl.grpo import THINKING_PROMPT
+    from mmada_jax.rl.prompts import THINKING_PROMPT
     system = THINKING_PROMPT
   n_word = int(round(config.lm_rows * config.word_row_fraction))
   lm_rows = (arithmetic.pretrain_texts(problems, config.lm_rows - n_word, config.facts_per_row,

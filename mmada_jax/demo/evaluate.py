@@ -2,7 +2,7 @@
 
 * t2i: generated digits are classified by the demo :class:`~mmada_jax.demo.classifier.DigitClassifier`;
   accuracy = share classified as the prompted digit.
-* MMU: completions are checked with :func:`mmada_jax.rl.rewards.mmu_answer_correct` (the RL reward).
+* MMU: completions are checked with :func:`mmada_jax.rl.answers.mmu_answer_correct` (the RL reward).
 * arithmetic: :func:`mmada_jax.demo.arithmetic.score` (the RL correctness and format rewards).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 
 from mmada_jax.demo import arithmetic
 from mmada_jax.demo.classifier import DigitClassifier
-from mmada_jax.rl import rewards
+from mmada_jax.rl import answers as answer_lib
 
 
 def t2i_scores(classifier: DigitClassifier, images: np.ndarray, labels: Sequence[int]) -> dict[str, Any]:
@@ -32,7 +32,7 @@ def mmu_scores(completions: Sequence[str], answers: Sequence[Any]) -> dict[str, 
   """``accuracy`` of MMU completions against reference answers (strings or ints)."""
   if len(completions) != len(answers):
     raise ValueError(f"{len(completions)} completions for {len(answers)} answers")
-  hits = [rewards.mmu_answer_correct(c, str(a)) for c, a in zip(completions, answers)]
+  hits = [answer_lib.mmu_answer_correct(c, str(a)) for c, a in zip(completions, answers)]
   return {"accuracy": float(np.mean(hits)) if hits else 0.0}
 
 

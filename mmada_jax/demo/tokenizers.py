@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mmada_jax.image_tokenizer import ImageTokenizer, MagvitConfig, MagvitModel, VQGANConfig
+from mmada_jax.api.image_tokenizer import ImageTokenizer
+from mmada_jax.image_tokenizer import MagvitConfig, MagvitModel, VQGANConfig
 from mmada_jax.image_tokenizer.modules import init_params
 from mmada_jax.prompting import TextTokenizer, train_tiny_tokenizer
 

@@ -66,7 +66,9 @@ LLADA_RESERVED_IDS: dict[str, int] = {
     "end_header": 126347,
     "eot_id": 126348,
 }
-"""Field name -> id in the LLaDA vocabulary (``training/prompting_utils.py``, samplers)."""
+"""Field name -> id in the LLaDA vocabulary (``training/prompting_utils.py``, samplers): the one
+table of these ids; :class:`SpecialTokens`' defaults and the model config's token ids
+(:class:`mmada_jax.model.config.MMaDAConfig`) are read from it."""
 
 
 class TokenizerLike(Protocol):
@@ -82,30 +84,31 @@ class TokenizerLike(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class SpecialTokens:
-  """Special-token ids (int) and the image offset. Defaults are the real MMaDA values.
+  """Special-token ids (int) and the image offset. Defaults are the real MMaDA values
+  (:data:`LLADA_RESERVED_IDS`, :data:`LLADA_TOKENIZER_LEN`).
 
   ``pad`` is the text padding id (EOS in every layout of the original); ``ipad`` is the t2i left
   padding. ``image_offset`` is added to an image code (0 … codebook_size-1) to get its token id.
   """
 
-  bos: int = 126080
-  eos: int = 126081
-  soi: int = 126084
-  eoi: int = 126085
-  sov: int = 126086
-  eov: int = 126087
-  t2i: int = 126088
-  mmu: int = 126089
-  t2v: int = 126090
-  v2v: int = 126091
-  lvg: int = 126092
-  ipad: int = 126093
-  r2i: int = 126094
-  mask: int = 126336
-  start_header: int = 126346
-  end_header: int = 126347
-  eot_id: int = 126348
-  pad: int = 126081
+  bos: int = LLADA_RESERVED_IDS["bos"]
+  eos: int = LLADA_RESERVED_IDS["eos"]
+  soi: int = LLADA_RESERVED_IDS["soi"]
+  eoi: int = LLADA_RESERVED_IDS["eoi"]
+  sov: int = LLADA_RESERVED_IDS["sov"]
+  eov: int = LLADA_RESERVED_IDS["eov"]
+  t2i: int = LLADA_RESERVED_IDS["t2i"]
+  mmu: int = LLADA_RESERVED_IDS["mmu"]
+  t2v: int = LLADA_RESERVED_IDS["t2v"]
+  v2v: int = LLADA_RESERVED_IDS["v2v"]
+  lvg: int = LLADA_RESERVED_IDS["lvg"]
+  ipad: int = LLADA_RESERVED_IDS["ipad"]
+  r2i: int = LLADA_RESERVED_IDS["r2i"]
+  mask: int = LLADA_RESERVED_IDS["mask"]
+  start_header: int = LLADA_RESERVED_IDS["start_header"]
+  end_header: int = LLADA_RESERVED_IDS["end_header"]
+  eot_id: int = LLADA_RESERVED_IDS["eot_id"]
+  pad: int = LLADA_RESERVED_IDS["eos"]
   image_offset: int = LLADA_TOKENIZER_LEN
 
   @classmethod

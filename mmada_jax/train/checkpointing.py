@@ -9,8 +9,12 @@ A step directory ``WORKDIR/checkpoints/<step>/`` holds three items:
 * ``meta``: JSON with the config, model config, mesh, process count and package versions.
 
 Orbax writes each step into a temporary directory and renames it when every item is finished,
-so an interrupted save is never listed. On resume the newest step is restored; if that fails
-(a damaged directory), the previous one is tried, with a warning, and so on.
+so an interrupted save is never listed. On resume the newest step is restored. A step that is
+provably incomplete (Orbax's ``commit_success.txt`` marker of the step or of an item absent, an
+item directory or one of its required files missing: :meth:`Checkpointer.incomplete_reason`) is
+skipped with a warning naming it and why, and the previous one is tried; any other failure
+(corrupt data, a shape or dtype mismatch, a mesh it cannot be placed on, another process count)
+is a :class:`RestoreError` naming the step and the cause.
 """
 from __future__ import annotations
 
@@ -33,7 +37,21 @@ log = logging.getLogger(__name__)
 
 
 class RestoreError(RuntimeError):
-  """No usable checkpoint could be restored."""
+  """No usable checkpoint could be restored, or the newest complete one failed to restore."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """The ``config.checkpoint`` section, the Orbax CheckpointManager policy: keep the newest
+  ``max_to_keep`` steps (0 = all) plus every ``keep_period``-th step (0 = none); ``async_save``
+  writes in the background."""
+  max_to_keep: int = 3
+  keep_period: int = 0
+  async_save: bool = True
+
+
+ITEMS = ("state", "data", "meta")
+COMMIT_MARKER = "commit_success.txt"   # Orbax writes it into a step and each item once finalised
 
 
 # ---------------------------------------------------------------- data iterator state item
@@ -83,7 +101,7 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 class Checkpointer:
   """Saves and restores (TrainState, data state, meta) under ``directory``."""
 
-  def __init__(self, directory: str, cfg: ConfigDict):
+  def __init__(self, directory: str, cfg: CheckpointConfig | ConfigDict):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=int(cfg.max_to_keep) if int(cfg.max_to_keep) > 0 else None,
@@ -113,25 +131,59 @@ class Checkpointer:
         meta=ocp.args.JsonRestore()))
     return out["state"], out["data"], out["meta"]
 
+  def incomplete_reason(self, step: int) -> str | None:
+    """Why step ``step`` is provably incomplete (a marker, item or required file absent), or
+    None when everything a finished save writes is there (its contents are not read)."""
+    d = os.path.join(self.directory, str(step))
+    if not os.path.isdir(d):
+      return f"its directory {d} is missing"
+    missing = [i for i in ITEMS if not os.path.isdir(os.path.join(d, i))]
+    if missing:
+      return f"item director{'ies' if len(missing) > 1 else 'y'} {missing} missing"
+    where = {"the step": d, **{f"item {i!r}": os.path.join(d, i) for i in ITEMS}}
+    unmarked = [name for name, path in where.items() if not os.path.isfile(os.path.join(path, COMMIT_MARKER))]
+    if unmarked:
+      return f"Orbax's commit marker {COMMIT_MARKER} is absent for {', '.join(unmarked)} (the save did not finish)"
+    state = os.path.join(d, "state")
+    required = [os.path.join("state", "_METADATA"), os.path.join("meta", "metadata")]
+    if os.path.isfile(os.path.join(state, "manifest.ocdbt")):   # OCDBT: one data folder per writing process
+      procs = sorted(n for n in os.listdir(state) if n.startswith("ocdbt.process_"))
+      if not procs:
+        return "the state's array data (state/ocdbt.process_*) is missing"
+      required += [os.path.join("state", p, f) for p in procs for f in ("manifest.ocdbt", "d")]
+    absent = [r for r in required if not os.path.exists(os.path.join(d, r))]
+    if absent:
+      return f"required files {absent} are missing"
+    return None
+
   def restore_latest(self, abstract_state: TrainState) -> tuple[int, TrainState, Any, dict] | None:
-    """Restores the newest restorable step (falling back past damaged ones); None if none exist."""
+    """Restores the newest step, skipping (with a warning) steps that are provably incomplete;
+    None if there are no steps. A complete step that fails to restore raises RestoreError naming
+    the step and the cause, as does having only incomplete steps."""
     steps = self.all_steps()
-    errors = []
+    skipped = []
     for step in reversed(steps):
+      reason = self.incomplete_reason(step)
+      if reason is not None:
+        skipped.append(f"step {step}: {reason}")
+        log.warning("checkpoint step %d in %s is incomplete (%s); skipping it and trying the previous one",
+                    step, self.directory, reason)
+        continue
       try:
         state, data, meta = self.restore(step, abstract_state)
-      except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable"
-        msg = f"checkpoint step {step} in {self.directory} cannot be restored ({type(e).__name__}: {e})"
-        errors.append(msg)
-        log.warning("%s; trying the previous one", msg)
-        continue
-      if int(jax.device_get(state.step)) != step:
-        errors.append(f"step {step}: stored state.step={int(state.step)}")
-        log.warning("checkpoint %d holds state.step=%d; skipping it", step, int(state.step))
-        continue
+      except Exception as e:
+        cause = str(e) if len(str(e)) <= 600 else str(e)[:600] + " …"   # TensorStore appends its whole spec
+        raise RestoreError(f"checkpoint step {step} in {self.directory} is complete but cannot be restored "
+                           f"({type(e).__name__}: {cause}); it may be corrupt or not match this run's model, "
+                           "mesh or process count. Move it away to resume from an earlier step.") from e
+      stored = int(jax.device_get(state.step))
+      if stored != step:
+        raise RestoreError(f"checkpoint step {step} in {self.directory} holds state.step={stored}: the "
+                           "directory does not hold the step its name says")
       return step, state, data, meta
     if steps:
-      raise RestoreError("no checkpoint could be restored:\n  " + "\n  ".join(errors))
+      raise RestoreError(f"no checkpoint in {self.directory} could be restored, every step is incomplete:\n  "
+                         + "\n  ".join(skipped))
     return None
 
   def wait(self) -> None:

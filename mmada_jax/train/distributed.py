@@ -13,14 +13,29 @@ Must run before anything touches a JAX backend.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from typing import Literal
 
 import jax
 from ml_collections import ConfigDict
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "on", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+  """The ``config.distributed`` section (precedence in the module docstring). ``mode``: auto,
+  on, off. An explicit coordinator: ``coordinator_address`` host:port, ``num_processes`` (0 =
+  from the environment), ``process_id`` (-1 = from the environment);
+  ``initialization_timeout`` in seconds."""
+  mode: Literal["auto", "on", "off"] = "auto"
+  coordinator_address: str = ""
+  num_processes: int = 0
+  process_id: int = -1
+  initialization_timeout: int = 300
 
 
 def _env_int(name: str) -> int | None:
@@ -40,7 +55,7 @@ def detected_cluster() -> str | None:
   return None
 
 
-def maybe_initialize(cfg: ConfigDict) -> dict:
+def maybe_initialize(cfg: DistributedConfig | ConfigDict) -> dict:
   """Initialises the distributed runtime per the rules above; returns a description dict."""
   mode = str(cfg.mode)
   if mode not in MODES:

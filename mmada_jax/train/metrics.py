@@ -8,8 +8,11 @@ with R sequences of length L per optimizer step (all micro-batches), T = R·L to
 N_mm the parameters used in matmuls (all parameters minus the embedding table, whose lookup is a
 gather, and the norm weights). The attention term is QKᵀ and AV (2·2·L²·d per layer forward)
 times 3 for forward + backward. MFU = flops / (step_time · n_devices · peak_flops_per_device),
-with the dense bf16 peak of :data:`PEAK_FLOPS` looked up by ``device_kind``; an unknown device
-(e.g. CPU) has no MFU unless ``config.peak_flops_per_device`` is set.
+with the dense bf16 peak of :data:`mmada_jax.train.chips.CHIPS` looked up by ``device_kind``; an
+unknown device (e.g. CPU) has no MFU unless ``config.peak_flops_per_device`` is set.
+
+:class:`StepMetrics` is the loop's accumulator (one step behind, throughput window, non-finite
+stop, logging cadence); :class:`MetricWriter` and :class:`Progress` are where its lines go.
 """
 from __future__ import annotations
 
@@ -17,32 +20,22 @@ import json
 import math
 import os
 import sys
+import time
 from typing import Any
 
 import jax
 
 from mmada_jax.model.config import MMaDAConfig
-
-# Dense bf16 peak FLOP/s per JAX device, matched as substrings of device_kind (first match wins).
-# TPU v2/v3 expose one device per core, v4 and later one per chip.
-PEAK_FLOPS: tuple[tuple[str, float], ...] = (
-    ("TPU v6 lite", 918e12), ("TPU v6e", 918e12),
-    ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
-    ("TPU v5p", 459e12), ("TPU v5", 459e12),
-    ("TPU v4 lite", 137.5e12), ("TPU v4", 275e12),
-    ("TPU v3", 61.5e12), ("TPU v2", 22.5e12),
-    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("GH200", 989e12),
-    ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12),
-)
+from mmada_jax.train.chips import find_chip
 
 
 def peak_flops_per_device(device_kind: str, override: float = 0.0) -> float | None:
+  """``override`` when positive, else the dense bf16 peak of ``device_kind`` in
+  :data:`mmada_jax.train.chips.CHIPS`, else None (no MFU)."""
   if override and override > 0:
     return float(override)
-  for key, value in PEAK_FLOPS:
-    if key.lower() in device_kind.lower():
-      return value
-  return None
+  chip = find_chip(device_kind)
+  return None if chip is None else chip.peak_flops
 
 
 def peak_device_memory_bytes() -> int | None:
@@ -68,6 +61,75 @@ def flops_per_step(cfg: MMaDAConfig, sequences: int, length: int) -> float:
   """Model FLOPs of one optimizer step over ``sequences`` rows of ``length`` tokens."""
   tokens = sequences * length
   return 6.0 * matmul_params(cfg) * tokens + 12.0 * cfg.n_layers * length ** 2 * cfg.d_model * sequences
+
+
+class NonFiniteLoss(RuntimeError):
+  """A step's loss or gradient norm is NaN or infinite (the run stops before saving it)."""
+
+
+class StepMetrics:
+  """The step metrics of the loop, read one step behind so the host never waits on the device.
+
+  :meth:`add` queues a step's device metrics and handles every queued step but the newest;
+  :meth:`flush` handles them all. Handling a step: to host floats; a non-finite ``loss`` or
+  ``grad_norm`` raises :class:`NonFiniteLoss`; throughput over the window since the last
+  written line (the first handled step only opens the window): ``steps_per_sec``,
+  ``tokens_per_sec`` and, with a peak, ``mfu``; the progress bar every step; ``metrics.jsonl`` /
+  TensorBoard every ``log_every`` steps and at ``total``, which also restarts the window.
+  ``last_good``: the newest step whose metrics were finite (the start step before any).
+  """
+
+  def __init__(self, model_cfg: MMaDAConfig, writer: "MetricWriter", progress: "Progress", *, total: int,
+               log_every: int, start: int, peak_flops: float | None, devices: int) -> None:
+    self.model_cfg, self.writer, self.progress = model_cfg, writer, progress
+    self.total, self.log_every = total, log_every
+    self.peak_flops, self.devices = peak_flops, devices
+    self.last_good = start
+    self._pending: list[tuple[int, Any, tuple[int, int]]] = []
+    self.restart_window()
+
+  def restart_window(self) -> None:
+    """Forgets the time since the last line (e.g. sampling time, which is not training time)."""
+    self._open_window(None)
+
+  def _open_window(self, t: float | None) -> None:
+    self._t = t
+    self._steps, self._tokens, self._flops = 0, 0, 0.0
+
+  def add(self, step: int, metrics: Any, sequences: tuple[int, int]) -> None:
+    """Queues step ``step``'s device metrics (global ``(rows, length)``); handles older steps."""
+    self._pending.append((step, metrics, sequences))
+    while len(self._pending) > 1:
+      self._handle(*self._pending.pop(0))
+
+  def flush(self) -> None:
+    """Handles every queued step."""
+    while self._pending:
+      self._handle(*self._pending.pop(0))
+
+  def _handle(self, step: int, metrics: Any, sequences: tuple[int, int]) -> None:
+    rows, length = sequences
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not all(math.isfinite(m[k]) for k in ("loss", "grad_norm") if k in m):
+      raise NonFiniteLoss(f"non-finite loss at step {step}: " + ", ".join(f"{k}={v:.6g}" for k, v in m.items()))
+    self.last_good = step
+    now = time.perf_counter()
+    if self._t is None:
+      self._t = now
+    else:
+      self._steps += 1
+      self._tokens += rows * length
+      self._flops += flops_per_step(self.model_cfg, rows, length)
+    elapsed = now - self._t
+    if self._steps and elapsed > 0:
+      m["steps_per_sec"] = self._steps / elapsed
+      m["tokens_per_sec"] = self._tokens / elapsed
+      if self.peak_flops:
+        m["mfu"] = self._flops / elapsed / (self.peak_flops * self.devices)
+    self.progress.update(m)
+    if step % self.log_every == 0 or step == self.total:
+      self.writer.write(step, m)
+      self._open_window(now)
 
 
 class MetricWriter:

@@ -13,22 +13,43 @@ All processes run the samplers (SPMD); process 0 writes.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from mmada_jax.model.config import MMaDAConfig
 from mmada_jax.prompting import builders
+from mmada_jax.sharding import to_host
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-  if jax.process_count() > 1 and not x.is_fully_addressable:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """The ``config.sampling`` section: samples every ``every`` steps (0 = off) from ``seed``.
+
+  ``text_prompts`` / ``t2i_prompts``: strings, tokenised with ``data.text_tokenizer`` (the toy
+  source uses its own prompts). Text: ``gen_length`` tokens in blocks of ``block_length``,
+  ``text_steps`` denoising steps, ``temperature``. Images: ``t2i_steps``, ``t2i_guidance_scale``,
+  ``t2i_temperature`` (named as in :class:`mmada_jax.api.GenerationConfig`). ``image_tokenizer``:
+  MAGVIT-v2 directory that decodes image tokens to pixels ("" = a false-colour map of the code
+  grid)."""
+  every: int = 0
+  seed: int = 0
+  text_prompts: list[str] = dataclasses.field(default_factory=lambda: ["Describe a sunny day at the beach."])
+  t2i_prompts: list[str] = dataclasses.field(
+      default_factory=lambda: ["A red bicycle leaning on a wall.", "A bowl of fruit."])
+  gen_length: int = 64
+  block_length: int = 32
+  text_steps: int = 64
+  temperature: float = 0.0
+  t2i_steps: int = 12
+  t2i_guidance_scale: float = 3.0
+  t2i_temperature: float = 1.0
+  image_tokenizer: str = ""
+  RENAMED_KEYS: ClassVar[dict[str, str]] = {"t2i_timesteps": "t2i_steps", "guidance_scale": "t2i_guidance_scale"}
 
 
 def _palette_image(codes: np.ndarray, codebook: int, scale: int = 8) -> np.ndarray:
@@ -88,7 +109,7 @@ def make_sampler(config: ConfigDict, model_cfg: MMaDAConfig, mesh, workdir: str,
   prompts = _Prompts(config)
   image_tok = None
   if sc.image_tokenizer:
-    from mmada_jax.image_tokenizer import ImageTokenizer
+    from mmada_jax.api.image_tokenizer import ImageTokenizer
     image_tok = ImageTokenizer.from_pretrained(str(sc.image_tokenizer))
   out_dir = os.path.join(workdir, "samples")
   main = jax.process_index() == 0
@@ -102,8 +123,8 @@ def make_sampler(config: ConfigDict, model_cfg: MMaDAConfig, mesh, workdir: str,
       out = generate_text(params, model_cfg, prompts.text.input_ids, gen_length=int(sc.gen_length),
                           block_length=int(sc.block_length), steps=int(sc.text_steps),
                           temperature=float(sc.temperature), attention_mask=prompts.text.attention_mask,
-                          key=jax.random.fold_in(key, 0), mask_id=prompts.specials.mask)
-      tokens = _to_host(out.tokens)
+                          seed=jax.random.fold_in(key, 0), mask_id=prompts.specials.mask)
+      tokens = to_host(out.tokens, names=None)  # every process: all rows
       p = prompts.text.input_ids.shape[1]
       for i, row in enumerate(tokens):
         prompt = prompts.text.input_ids[i][prompts.text.attention_mask[i] > 0]
@@ -113,13 +134,13 @@ def make_sampler(config: ConfigDict, model_cfg: MMaDAConfig, mesh, workdir: str,
       res = generate_image_tokens(
           params, model_cfg, prompts.t2i.input_ids, attention_mask=prompts.t2i.attention_mask,
           uncond_input_ids=prompts.uncond.input_ids, uncond_attention_mask=prompts.uncond.attention_mask,
-          timesteps=int(sc.t2i_timesteps), guidance_scale=float(sc.guidance_scale),
+          steps=int(sc.t2i_steps), guidance_scale=float(sc.t2i_guidance_scale),
           temperature=float(sc.t2i_temperature), num_vq_tokens=n, codebook_size=codebook,
-          image_token_offset=prompts.specials.image_offset, key=jax.random.fold_in(key, 1),
+          image_token_offset=prompts.specials.image_offset, seed=jax.random.fold_in(key, 1),
           mask_id=prompts.specials.mask)
-      codes = _to_host(res.codes)
+      codes = to_host(res.codes, names=None)
       if image_tok is not None:
-        pix = _to_host(image_tok.decode(codes))
+        pix = to_host(image_tok.decode(codes), names=None)
         images = [np.clip((im + 1.0) * 127.5, 0, 255).astype(np.uint8) for im in pix]
       else:
         images = [_palette_image(c, codebook) for c in codes]

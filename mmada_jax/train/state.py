@@ -11,7 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mmada_jax.model import transformer
 from mmada_jax.model.config import MMaDAConfig
-from mmada_jax.sharding.rules import param_shardings
+from mmada_jax.sharding import ShardingContext
 
 
 @flax.struct.dataclass
@@ -44,7 +44,7 @@ def state_shardings(cfg: MMaDAConfig, tx: optax.GradientTransformation, mesh: Me
   and the RNG are replicated.
   """
   params = abstract_params(cfg)
-  p_shard = param_shardings(transformer.param_axes(cfg), params, mesh, rules)
+  p_shard = ShardingContext(mesh, rules).param_shardings(transformer.param_axes(cfg), params)
   opt = jax.eval_shape(tx.init, params)
   rep = replicated(mesh)
   o_shard = optax.tree_map_params(tx, lambda _, s: s, opt, p_shard, transform_non_params=lambda _: rep,

@@ -1,9 +1,10 @@
 """The jitted train step: micro-batch gradient accumulation, clipping and the AdamW update.
 
-Batch layout: every leaf arrives as [A, B/A, ...] (A = ``grad_accum`` micro-batches), sharded
-``P(None, ('data', 'fsdp'), ...)``: micro-batch ``a`` holds the local rows ``a, a+A, a+2A, …`` of
-each process, so every device works on every micro-batch. The gradient is the mean of the
-micro-batch gradients (accelerate's loss/A accumulation); metrics are micro-batch means.
+Batch layout: every leaf arrives as [A, B/A, ...] (A = ``grad_accum`` micro-batches), its rows
+sharded by the logical ``batch`` rule (``sharding.transfer.to_global(..., micro=A)``): micro-batch
+``a`` holds the local rows ``a, a+A, a+2A, …`` of each process, so every device works on every
+micro-batch. The gradient is the mean of the micro-batch gradients (accelerate's loss/A
+accumulation); metrics are micro-batch means.
 Micro-batch ``a`` of step ``s`` uses the key ``fold_in(fold_in(base_key, s), a)``.
 """
 from __future__ import annotations
@@ -12,52 +13,11 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mmada_jax.train.stages import Stage
 from mmada_jax.train.state import TrainState
-
-BATCH_AXES = ("data", "fsdp")
-
-
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-  """Sharding of a [A, B/A, ...] batch leaf: rows over (data, fsdp), the rest replicated."""
-  return NamedSharding(mesh, P(None, BATCH_AXES, *([None] * (ndim - 2))))
-
-
-def to_global_batch(host_batch: Any, grad_accum: int, mesh: Mesh) -> Any:
-  """Per-host numpy leaves [B_local, ...] -> global jax.Arrays [A, B_global/A, ...].
-
-  A leaf that is already a jax.Array (e.g. made on device by a stage's ``pre_step``) must be a
-  global array in the step layout [A, B_global/A, ...] and is passed through unchanged.
-  """
-  shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-  pc = jax.process_count()
-
-  def leaf(path, x):
-    name = jax.tree_util.keystr(path)
-    if isinstance(x, jax.Array):
-      if x.ndim < 2 or x.shape[0] != grad_accum:
-        raise ValueError(f"batch leaf {name}: a device array must be in the step layout [A={grad_accum}, "
-                         f"rows, ...], got shape {x.shape}")
-      return x
-    x = np.asarray(x)
-    b = x.shape[0]
-    if b % grad_accum:
-      raise ValueError(f"batch leaf {name}: {b} rows per process is not divisible by "
-                       f"optimizer.grad_accum={grad_accum}")
-    micro_global = b // grad_accum * pc
-    if micro_global % shards:
-      raise ValueError(f"batch leaf {name}: a micro-batch of {micro_global} rows cannot be split over "
-                       f"the {shards} data×fsdp shards of mesh {dict(mesh.shape)}; use a multiple of "
-                       f"{shards * grad_accum // pc} rows per process")
-    x = np.ascontiguousarray(x.reshape(b // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1))
-    gshape = (grad_accum, micro_global, *x.shape[2:])
-    return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x, gshape)
-
-  return jax.tree_util.tree_map_with_path(leaf, host_batch)
 
 
 def make_step_fn(stage: Stage, tx: optax.GradientTransformation, schedule: Callable[[jax.Array], jax.Array],

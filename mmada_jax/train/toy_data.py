@@ -19,6 +19,7 @@ keeps its contiguous slice of rows, so 1 and N processes see the same global bat
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,15 @@ TOY_SPECIALS = SpecialTokens(**{n: TEXT_WORDS + i for i, n in enumerate(_NAMES)}
 TASK_IDS = {"t2i": 1, "lm": 2, "mmu": 3}
 
 
+@dataclasses.dataclass(frozen=True)
+class ToyConfig:
+  """The ``config.toy`` section, read with ``data_source='toy'``: the codebook size of the toy
+  images, the number of caption classes, and whether lm rows are chat-formatted (SFT)."""
+  codebook_size: int = 64
+  classes: int = 8
+  chat_lm: bool = False
+
+
 def toy_model_fields(codebook_size: int, num_image_tokens: int) -> dict[str, int]:
   """MMaDAConfig fields that make the model's vocabulary fit the toy ids."""
   return dict(vocab_size=IMAGE_OFFSET + codebook_size, mask_token_id=TOY_SPECIALS.mask,
@@ -47,7 +57,7 @@ def toy_model_fields(codebook_size: int, num_image_tokens: int) -> dict[str, int
 class ToyMixedIterator:
   """Iterator over per-host mixed batches; ``get_state``/``set_state`` make it resumable."""
 
-  def __init__(self, data_cfg: ConfigDict, toy_cfg: ConfigDict, process_index: int, process_count: int,
+  def __init__(self, data_cfg: ConfigDict, toy_cfg: ToyConfig | ConfigDict, process_index: int, process_count: int,
                seed: int):
     self.s = int(data_cfg.max_text_len)
     self.n = int(data_cfg.num_image_tokens)
@@ -132,6 +142,6 @@ class ToyMixedIterator:
     return {k: np.ascontiguousarray(v[rows], dtype=np.int32) for k, v in keep.items()}
 
 
-def make_toy_iterator(data_cfg: ConfigDict, toy_cfg: ConfigDict, process_index: int, process_count: int,
+def make_toy_iterator(data_cfg: ConfigDict, toy_cfg: ToyConfig | ConfigDict, process_index: int, process_count: int,
                       seed: int) -> ToyMixedIterator:
   return ToyMixedIterator(data_cfg, toy_cfg, process_index, process_count, seed)

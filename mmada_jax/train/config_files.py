@@ -1,0 +1,87 @@
+"""Config files named by ``--config=PATH[:ARG]``: a path in the working directory, else a preset
+shipped with the package.
+
+The experiment configs live in the checkout's top-level ``configs/`` and are installed as the
+package ``mmada_jax.configs`` (setup.py's ``package_dir``). ``configs/tiny.py`` (or ``tiny.py``)
+names the file relative to the working directory when it exists there; otherwise the packaged
+file of that name, so ``--config=configs/tiny.py:pretrain`` works from any directory once the
+package is installed (editable or as a wheel).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+PACKAGED = "mmada_jax.configs"
+
+
+def packaged_config_dir() -> str:
+  """The directory of the installed ``mmada_jax.configs`` (the checkout's ``configs/`` in an
+  editable install), found without importing the configs."""
+  spec = importlib.util.find_spec(PACKAGED)
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(f"the package {PACKAGED} is not installed: install mmada_jax "
+                            "(pip install -e . in a checkout, or the wheel)")
+  return os.path.abspath(list(spec.submodule_search_locations)[0])
+
+
+def packaged_presets() -> list[str]:
+  """The packaged config files, as ``configs/<name>.py``."""
+  return sorted(f"configs/{f}" for f in os.listdir(packaged_config_dir())
+                if f.endswith(".py") and f not in ("__init__.py", "common.py"))
+
+
+def resolve_config_path(path: str) -> str:
+  """``path`` if it is a file; else, for ``configs/NAME.py`` or ``NAME.py``, the packaged
+  ``NAME.py``. A missing file is a FileNotFoundError naming every place tried."""
+  if os.path.isfile(path):
+    return path
+  tried = [os.path.abspath(path)]
+  parts = os.path.normpath(path).split(os.sep)
+  if not os.path.isabs(path) and parts[-1].endswith(".py") and (
+      len(parts) == 1 or (len(parts) == 2 and parts[0] == "configs")):
+    try:
+      candidate = os.path.join(packaged_config_dir(), parts[-1])
+    except FileNotFoundError as e:
+      tried.append(str(e))
+    else:
+      if os.path.isfile(candidate):
+        return candidate
+      tried.append(f"{candidate} (packaged presets: {', '.join(packaged_presets())})")
+  raise FileNotFoundError(f"config file not found: {path!r}; tried " + "; ".join(tried))
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+  """``"path/to/file.py:arg"`` -> (``"path/to/file.py"``, ``"arg"``); no ``.py:`` -> (spec, "")."""
+  path, sep, arg = spec.partition(".py:")
+  return (path + ".py", arg) if sep else (spec, "")
+
+
+def resolve_config_spec(spec: str) -> str:
+  """``PATH[:ARG]`` with PATH resolved by :func:`resolve_config_path`."""
+  path, arg = split_spec(spec)
+  resolved = resolve_config_path(path)
+  return f"{resolved}:{arg}" if arg else resolved
+
+
+def resolve_config_argv(argv: list[str], flag: str = "config") -> list[str]:
+  """``argv`` with the value of ``--FLAG=SPEC`` / ``--FLAG SPEC`` resolved (what absl's
+  ml_collections config flag then loads); ``--FLAG.field=...`` overrides are left alone."""
+  out = list(argv)
+  for i, a in enumerate(out):
+    if a.startswith(f"--{flag}="):
+      out[i] = f"--{flag}=" + resolve_config_spec(a[len(flag) + 3:])
+    elif a == f"--{flag}" and i + 1 < len(out):
+      out[i + 1] = resolve_config_spec(out[i + 1])
+  return out
+
+
+def load_config_file(spec: str):
+  """``path/to/config.py[:arg]`` -> that file's ``get_config(arg)`` (what ``--config=`` names;
+  the path is resolved by :func:`resolve_config_path`)."""
+  path, arg = split_spec(spec)
+  path = resolve_config_path(path)
+  module_spec = importlib.util.spec_from_file_location("mmada_config_file", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
