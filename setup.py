@@ -22,6 +22,8 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     "scikit-learn>=1.4",
     "psutil>=5.9",
+    # UniGRPO answer equivalence beyond the rules of mmada_jax.rl.answers (LaTeX / expressions).
+    "math-verify>=0.9.0,<0.10",
 ]
 
 setup(
@@ -30,12 +32,17 @@ setup(
     description="MMaDA (multimodal large diffusion language model) in JAX/Flax for TPU and GPU",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["mmada_jax", "mmada_jax.*"]),
+    # configs/ (the one source of the experiment configs) ships as mmada_jax.configs, so an installed
+    # package (wheel or editable) finds its presets from any working directory.
+    packages=find_packages(include=["mmada_jax", "mmada_jax.*"]) + ["mmada_jax.configs"],
+    package_dir={"mmada_jax.configs": "configs"},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "tpu": ["jax[tpu]>=0.10.2,<0.13"],
         "cuda": ["jax[cuda12]>=0.10.2,<0.13"],
-        "dev": ["pytest>=8", "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6"],
+        # setuptools, wheel: tests/test_packaging.py builds the wheel offline (--no-build-isolation;
+        # Python 3.12 venvs come without setuptools, 3.11's without wheel).
+        "dev": ["pytest>=8", "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6", "setuptools>=64", "wheel>=0.40"],
     },
 )

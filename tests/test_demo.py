@@ -10,6 +10,7 @@ from nbclient import NotebookClient
 from mmada_jax.demo.__main__ import main as demo_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow   # the whole demo (smoke preset) and the notebook on it
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +21,9 @@ def demo_run(tmp_path_factory):
 
 
 def test_demo_artefacts(demo_run):
-  for name in ("model/mmada_jax.json", "text_tokenizer/tokenizer.json", "image_tokenizer/config.json",
-               "samples.png", "samples.npz", "summary.json", "pretrain/metrics.jsonl", "sft/metrics.jsonl"):
+  for name in ("model/mmada_jax.json", "model/generation_config.json", "text_tokenizer/tokenizer.json",
+               "image_tokenizer/config.json", "samples.png", "samples.npz", "summary.json",
+               "pretrain/metrics.jsonl", "sft/metrics.jsonl"):
     assert (demo_run / name).exists(), name
   grpo = sorted(p.name for p in demo_run.iterdir() if p.name.startswith("grpo") and (p / "metrics.jsonl").exists())
   assert grpo == ["grpo_mmu", "grpo_t2i", "grpo_text"]

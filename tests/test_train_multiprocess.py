@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow   # several multi-process trainer runs
 # data=4 × fsdp=2: FSDP inside each process, data parallel across them (CPU gloo collectives are
 # slow, so the mesh keeps them few; the single-process tests cover other meshes).
 ARGS = ("--config.steps=8", "--config.checkpoint_every=4", "--config.log_every=1", "--config.progress_bar=False",
