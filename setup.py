@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "safetensors>=0.5",
     "tokenizers>=0.20",
     "tqdm>=4.66",
+    "pyarrow>=14",   # parquet benchmark files (python -m mmada_jax.eval)
     "tensorboardX>=2.6",
     "pillow>=10",
     "matplotlib>=3.8",

@@ -18,8 +18,8 @@ def test_packaged_configs_are_the_checkouts_configs():
   import mmada_jax.configs.tiny as tiny
   assert pathlib.Path(config_files.packaged_config_dir()) == REPO / "configs"
   assert pathlib.Path(tiny.__file__) == REPO / "configs" / "tiny.py"
-  assert config_files.packaged_presets() == ["configs/demo.py", "configs/mmada_1b.py", "configs/mmada_8b.py",
-                                             "configs/tiny.py"]
+  assert config_files.packaged_presets() == ["configs/demo.py", "configs/eval.py", "configs/mmada_1b.py",
+                                             "configs/mmada_8b.py", "configs/tiny.py"]
 
 
 def test_working_directory_first_then_the_packaged_preset(tmp_path, monkeypatch):

@@ -33,6 +33,7 @@ from typing import Any, Iterable
 import pytest
 
 from mmada_jax import config_schema as cs
+from mmada_jax.eval.config import EvalConfig
 from mmada_jax.train.config import TrainConfig, parse_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -772,10 +773,48 @@ def test_every_variant_is_in_the_schema(variants):
   failures = []
   for name, config in variants:
     try:
-      parse_config(config)
+      parse_variant(name, config)
     except (cs.ConfigError, ValueError) as e:
       failures.append(f"{name}: {e}")
   assert not failures, "config variants with keys or values outside the schema:\n  " + "\n  ".join(failures)
+
+
+EVAL_FILE = "eval.py"
+"""The config file of ``python -m mmada_jax.eval``: its schema is :class:`EvalConfig`, not TrainConfig."""
+
+
+def parse_variant(name: str, config: Any) -> Any:
+  """A variant parsed into its file's schema (EvalConfig for ``configs/eval.py``, else TrainConfig)."""
+  if name.startswith(f"configs/{EVAL_FILE}:"):
+    return cs.parse(EvalConfig, config, "config")
+  return parse_config(config)
+
+
+def test_eval_variants_are_in_the_eval_schema(variants):
+  """Configs ⊆ schema for the eval presets: every variant parses into EvalConfig (as its task)."""
+  evals = [(n, c) for n, c in variants if n.startswith(f"configs/{EVAL_FILE}:")]
+  assert len(evals) >= 7
+  for name, config in evals:
+    assert parse_variant(name, config).task == name.rpartition(":")[2]
+  config = evals[0][1].copy_and_resolve_references()
+  config.mc_nmu = 4
+  with pytest.raises(cs.ConfigError, match=r"config\.mc_nmu: unknown config key \(did you mean 'mc_num'\?\)"):
+    parse_variant(evals[0][0], config)
+
+
+@pytest.fixture(scope="module")
+def eval_analysis() -> ConfigReads:
+  return ConfigReads(EvalConfig, [s for s in package_sources() if s[2].startswith("mmada_jax/eval/")])
+
+
+def test_every_eval_key_is_read_and_every_read_defined(eval_analysis):
+  """Schema ⊆ reads and reads ⊆ schema for EvalConfig, over mmada_jax/eval/."""
+  assert any(r.key == "mc_num" and r.where.startswith("mmada_jax/eval/runner.py") for r in eval_analysis.reads)
+  unread = unread_fields(EvalConfig, eval_analysis.reads)
+  assert not unread, "eval config keys that no code in mmada_jax/eval/ reads:\n  " + "\n  ".join(unread)
+  assert not eval_analysis.undefined, ("mmada_jax/eval/ reads config keys that EvalConfig does not define:\n  "
+                                       + _describe(eval_analysis.undefined))
+  assert not eval_analysis.defaults, _describe(eval_analysis.defaults)
 
 
 def test_base_config_is_the_schema_defaults():

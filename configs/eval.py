@@ -1,0 +1,47 @@
+"""Evaluation presets: ``python -m mmada_jax.eval --config=configs/eval.py:TASK --workdir=OUT``.
+
+The argument is the task, then optional ``key=value`` settings (``configs/eval.py:gsm8k,limit=50``);
+``--config.model=DIR --config.text_tokenizer=PATH --config.data=FILE`` name the model and the
+benchmark file. Each preset carries the settings published for that benchmark (sources inline).
+"""
+from __future__ import annotations
+
+from mmada_jax.config_schema import to_config_dict
+from mmada_jax.eval.config import EvalConfig
+
+VARIANTS = ("gsm8k", "math", "mmlu", "arc_c", "vqav2", "pope", "mmmu")
+
+# Image understanding: VLMEvalKit-style defaults of the MMaDA evaluation wrapper for short-answer
+# datasets (max_new_tokens = steps = block_length = 2); chat template on.
+_MMU = dict(gen_length=2, steps=2, block_length=2, chat=True, batch_size=8)
+
+PRESETS = {
+    # GSM8K, 5-shot: the MMaDA repository's lm-eval script (gen_length 256, steps 256, block 64).
+    # Alternatives: LLaDA base gen_length = steps = block_length = 1024; MMaDA paper text
+    # settings gen_length 1024, steps 512, block 64.
+    "gsm8k": dict(task="gsm8k", num_fewshot=5, gen_length=256, steps=256, block_length=64, batch_size=8),
+    # MATH: the MMaDA paper's text settings (length 1024, 512 steps, block 64), chat template, 0-shot.
+    "math": dict(task="math", gen_length=1024, steps=512, block_length=64, chat=True, batch_size=8),
+    # MMLU, 5-shot likelihood: LLaDA base evaluation, mc_num 1 (a one-token answer is exact), CFG 0.
+    "mmlu": dict(task="mmlu", num_fewshot=5, mc_num=1, cfg=0.0, batch_size=8),
+    # ARC-Challenge, 0-shot likelihood: LLaDA base evaluation (batch 8, mc_num 128, CFG 0.5).
+    "arc_c": dict(task="arc_c", num_fewshot=0, mc_num=128, cfg=0.5, batch_size=8),
+    "vqav2": dict(task="vqav2", **_MMU),
+    "pope": dict(task="pope", **_MMU),
+    "mmmu": dict(task="mmmu", **_MMU),
+}
+
+
+def get_config(arg: str | None = None):
+  """The preset named by the first word of ``arg``, with ``key=value`` overrides after it."""
+  words = [w for w in (arg or "").split(",") if w]
+  if not words or words[0] not in PRESETS:
+    raise ValueError(f"configs/eval.py: name a task first, one of {VARIANTS} (got {arg!r})")
+  c = to_config_dict(EvalConfig, **PRESETS[words[0]])
+  for w in words[1:]:
+    key, eq, value = w.partition("=")
+    if not eq or key not in c:
+      raise ValueError(f"configs/eval.py: bad setting {w!r}; write key=value with a key of {sorted(c.keys())}")
+    kind = type(c[key]) if c[key] is not None else (int if key == "limit" else float)
+    c[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+  return c

@@ -1,0 +1,219 @@
+"""Benchmark readers: JSON lines / parquet files with the benchmarks' own field names -> examples.
+
+``read_records(path)`` reads ``.jsonl`` (one JSON object a line; blank lines skipped) or
+``.parquet`` (pyarrow). ``read_examples(task, path)`` turns records into :class:`Example`\\ s by the
+task's format (:data:`FORMATS`):
+
+=========  ==============================================================================
+format     fields
+=========  ==============================================================================
+gsm8k      ``question``, ``answer`` (the reference after ``#### N``)
+math       ``problem``, ``solution`` (the reference is its last ``\\boxed{}``)
+mmlu       ``question``, ``choices`` (list), ``answer`` (0-based index or letter); ``subject``
+           optional
+arc        ``question``, ``choices`` ({``text``: [...], ``label``: [...]}), ``answerKey``
+vqa        ``image``, ``question``, ``answers`` (list of strings or of {``answer``: …}) or
+           ``answer`` (one string)
+pope       ``image``, ``question``, ``answer`` (``yes``/``no``)
+mmmu       ``image_1``, ``question``, ``options`` (list, or its Python/JSON string), ``answer``
+           (letter); a question with ``image_2`` … set is refused (one image per prompt)
+=========  ==============================================================================
+
+Images are a path relative to the data file's folder (or absolute), raw encoded bytes, or the
+``{"bytes", "path"}`` struct of Hugging Face parquet files; paths are checked when read. A missing
+or malformed field is a :class:`DataError` naming the field, the file and the record index.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+from mmada_jax.eval import scoring
+
+
+class DataError(ValueError):
+  """A benchmark file or record that cannot be read as its task's format."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """One benchmark example.
+
+  index: record index in the file; question: the question / problem text; target: the reference
+  answer (a letter for multiple choice, a number string for GSM8K, "yes"/"no" for POPE);
+  choices: option texts (multiple choice) or None; answers: all human answers (VQA) or None;
+  image: a path (absolute), encoded bytes, or None; subject: MMLU's subject or ''; solution: the
+  worked answer (GSM8K ``answer``, MATH ``solution``: what a few-shot example shows) or ''.
+  """
+  index: int
+  question: str
+  target: str
+  choices: tuple[str, ...] | None = None
+  answers: tuple[str, ...] | None = None
+  image: Any = None
+  subject: str = ""
+  solution: str = ""
+
+
+def read_records(path: str) -> list[dict[str, Any]]:
+  """The records of a ``.jsonl`` / ``.json`` (JSON lines) or ``.parquet`` file."""
+  if not os.path.isfile(path):
+    raise DataError(f"data file not found: {path!r}")
+  if path.endswith((".jsonl", ".json")):
+    out = []
+    with open(path, encoding="utf-8") as f:
+      for line_no, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          rec = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise DataError(f"{path}:{line_no}: not a JSON object ({e})") from e
+        if not isinstance(rec, dict):
+          raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(rec).__name__}")
+        out.append(rec)
+    return out
+  if path.endswith(".parquet"):
+    import pyarrow.parquet as pq
+    return pq.read_table(path).to_pylist()
+  raise DataError(f"{path}: unknown data format (expected .jsonl, .json or .parquet)")
+
+
+class _Record:
+  """Field access on one record with errors naming the field, the file and the record index."""
+
+  def __init__(self, rec: dict[str, Any], path: str, index: int):
+    self.rec, self.path, self.index = rec, path, index
+
+  def error(self, msg: str) -> DataError:
+    return DataError(f"{self.path}: record {self.index}: {msg}")
+
+  def get(self, name: str) -> Any:
+    if name not in self.rec or self.rec[name] is None:
+      raise self.error(f"missing field {name!r} (fields: {sorted(self.rec)})")
+    return self.rec[name]
+
+  def text(self, name: str) -> str:
+    v = self.get(name)
+    if not isinstance(v, str):
+      raise self.error(f"field {name!r} must be a string, got {type(v).__name__}")
+    return v
+
+  def strings(self, name: str, value: Any = None) -> tuple[str, ...]:
+    v = self.get(name) if value is None else value
+    if not isinstance(v, (list, tuple)) or not v or not all(isinstance(x, str) for x in v):
+      raise self.error(f"field {name!r} must be a non-empty list of strings, got {v!r:.80}")
+    return tuple(v)
+
+  def image(self, name: str) -> Any:
+    v = self.get(name)
+    if isinstance(v, dict):
+      if v.get("bytes"):
+        return bytes(v["bytes"])
+      v = v.get("path")
+      if not v:
+        raise self.error(f"field {name!r} has neither 'bytes' nor 'path'")
+    if isinstance(v, (bytes, bytearray)):
+      return bytes(v)
+    if not isinstance(v, str):
+      raise self.error(f"field {name!r} must be an image path or bytes, got {type(v).__name__}")
+    full = v if os.path.isabs(v) else os.path.join(os.path.dirname(os.path.abspath(self.path)), v)
+    if not os.path.isfile(full):
+      raise self.error(f"field {name!r}: image file not found: {full!r}")
+    return full
+
+  def parsed(self, name: str, fn: Callable[[Any], Any], text: bool = False) -> Any:
+    """``fn(field)`` (``text``: the field must be a string), its ValueError naming the record."""
+    try:
+      return fn(self.text(name) if text else self.get(name))
+    except DataError:
+      raise
+    except ValueError as e:
+      raise self.error(f"field {name!r}: {e}") from e
+
+
+def _gsm8k(r: _Record) -> Example:
+  return Example(r.index, r.text("question"), r.parsed("answer", scoring.gsm8k_reference, text=True), solution=r.text("answer"))
+
+
+def _math(r: _Record) -> Example:
+  return Example(r.index, r.text("problem"), r.parsed("solution", scoring.math_reference, text=True),
+                 solution=r.text("solution"))
+
+
+def _mmlu(r: _Record) -> Example:
+  choices = r.strings("choices")
+  target = r.parsed("answer", lambda a: scoring.choice_letter(a, len(choices)))
+  subject = r.rec.get("subject") or ""
+  return Example(r.index, r.text("question"), target, choices=choices, subject=str(subject))
+
+
+def _arc(r: _Record) -> Example:
+  c = r.get("choices")
+  if not isinstance(c, dict) or "text" not in c or "label" not in c:
+    raise r.error("field 'choices' must be {'text': [...], 'label': [...]}")
+  texts, labels = r.strings("choices.text", c["text"]), r.strings("choices.label", c["label"])
+  key = r.text("answerKey")
+  if key not in labels:
+    raise r.error(f"field 'answerKey' {key!r} is not one of the labels {list(labels)}")
+  return Example(r.index, r.text("question"), scoring.LETTERS[labels.index(key)], choices=texts)
+
+
+def _vqa(r: _Record) -> Example:
+  if r.rec.get("answers") is not None:
+    raw = r.get("answers")
+    if isinstance(raw, list) and raw and all(isinstance(a, dict) for a in raw):
+      if not all(isinstance(a.get("answer"), str) for a in raw):
+        raise r.error("field 'answers': every item needs an 'answer' string")
+      raw = [a["answer"] for a in raw]
+    answers = r.strings("answers", raw)
+  elif r.rec.get("answer") is not None:
+    answers = (r.text("answer"),)
+  else:
+    raise r.error(f"missing field 'answers' (or 'answer') (fields: {sorted(r.rec)})")
+  return Example(r.index, r.text("question"), answers[0], answers=answers, image=r.image("image"))
+
+
+def _pope(r: _Record) -> Example:
+  answer = r.text("answer").strip().lower()
+  if answer not in ("yes", "no"):
+    raise r.error(f"field 'answer' must be 'yes' or 'no', got {answer!r}")
+  return Example(r.index, r.text("question"), answer, image=r.image("image"))
+
+
+def _options(v: Any) -> Any:
+  if isinstance(v, str):
+    try:
+      v = json.loads(v)
+    except json.JSONDecodeError:
+      try:
+        v = ast.literal_eval(v)
+      except (ValueError, SyntaxError) as e:
+        raise ValueError(f"not a list of options: {v!r:.80}") from e
+  return v
+
+
+def _mmmu(r: _Record) -> Example:
+  extra = [k for k in r.rec if k.startswith("image_") and k != "image_1" and r.rec[k] is not None]
+  if extra:
+    raise r.error(f"has more images than 'image_1' ({sorted(extra)}): only one image per prompt is supported")
+  choices = r.strings("options", r.parsed("options", _options))
+  target = r.parsed("answer", lambda a: scoring.choice_letter(a, len(choices)))
+  return Example(r.index, r.text("question"), target, choices=choices, image=r.image("image_1"))
+
+
+FORMATS: dict[str, Callable[[_Record], Example]] = {
+    "gsm8k": _gsm8k, "math": _math, "mmlu": _mmlu, "arc": _arc, "vqa": _vqa, "pope": _pope, "mmmu": _mmmu}
+
+
+def read_examples(fmt: str, path: str, limit: int | None = None) -> list[Example]:
+  """The first ``limit`` (None: all) examples of ``path`` read by format ``fmt`` (:data:`FORMATS`)."""
+  if fmt not in FORMATS:
+    raise DataError(f"unknown data format {fmt!r}; known: {sorted(FORMATS)}")
+  records = read_records(path)
+  if limit is not None:
+    records = records[:limit]
+  return [FORMATS[fmt](_Record(rec, path, i)) for i, rec in enumerate(records)]
