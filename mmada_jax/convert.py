@@ -1,14 +1,25 @@
 """Checkpoint converter.
 
-  python -m mmada_jax.convert to-orbax  SRC DST [--dtype bfloat16]   # original HF layout -> ours
-  python -m mmada_jax.convert to-hf     SRC DST [--dtype bfloat16] [--max-shard-size 5GB]
-  python -m mmada_jax.convert inspect   SRC                             # architecture + tensor table
+  python -m mmada_jax.convert to-orbax   SRC DST [--dtype bfloat16]   # original HF layout -> ours
+  python -m mmada_jax.convert to-hf      SRC DST [--dtype bfloat16] [--max-shard-size 5GB]
+                                         [--text-tokenizer TOK] [--image-tokenizer MAGVIT]
+  python -m mmada_jax.convert export-run RUN_DIR DST [--dtype ...]     # a demo run -> one folder
+  python -m mmada_jax.convert inspect    SRC                            # architecture + tensor table
 
 SRC may be an original Hugging Face directory (config.json + model.safetensors or shards +
 index) or an Orbax directory written by ``to-orbax``; its saved generation config
-(generation_config.json's ``mmada_jax`` section) is carried over. Tensors are read one at a time; the
-output is written to a temporary directory and renamed when complete, so an error (a missing or
-mis-shaped tensor, a corrupt file) leaves nothing half-written at DST.
+(generation_config.json's ``mmada_jax`` section) is carried over. ``to-hf`` writes a config.json
+with every field the original's model classes read (``hf_mmada.ORIGINAL_CONFIG_FIELDS``), for a
+model trained here from scratch as for an imported one. With ``--text-tokenizer`` (a
+tokenizer.json or its folder) the tokenizer's files (tokenizer.json, tokenizer_config.json with the
+chat template, special_tokens_map.json) go beside the weights, and with ``--image-tokenizer`` (a
+MAGVIT-v2 folder) the tokenizer goes to DST/image_tokenizer/ in the original's layout: the folder
+the original's inference scripts load. ``export-run RUN_DIR`` does this for a demo run directory
+(RUN_DIR/model, RUN_DIR/text_tokenizer and, when present, RUN_DIR/image_tokenizer).
+
+Tensors are read one at a time; the output is written to a temporary directory and renamed when
+complete, so an error (a missing or mis-shaped tensor, a corrupt file, a tokenizer that does not
+belong to the model) leaves nothing half-written at DST.
 """
 from __future__ import annotations
 
@@ -16,12 +27,18 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
 import time
+from typing import Any, Callable
 
-from mmada_jax.checkpoint import generation_file, hf_mmada, orbax_io
+from mmada_jax.checkpoint import generation_file, hf_mmada, magvit, orbax_io
 from mmada_jax.checkpoint.safetensors_io import CheckpointError
+from mmada_jax.model.config import MMaDAConfig
+from mmada_jax.prompting.text_tokenizer import TextTokenizer
+
+IMAGE_TOKENIZER_DIR = hf_mmada.IMAGE_TOKENIZER_DIR
+RUN_PARTS = ("model", "text_tokenizer", "image_tokenizer")
+"""A demo run directory's artefacts that ``export-run`` reads (the last one optional)."""
 
 
 def _parse_size(text: str) -> int:
@@ -45,20 +62,63 @@ def _prepare_dst(dst: str, overwrite: bool) -> None:
     raise FileExistsError(f"destination {dst} exists and is not empty (use --overwrite)")
 
 
+def _companions(cfg: MMaDAConfig, text_tokenizer: str | None, image_tokenizer: str | None,
+                where: str) -> list[Callable[[str], Any]]:
+  """Loads (and checks against the model) the tokenizers to write beside the weights; returns
+  the writers for ``hf_mmada.export_pretrained``."""
+  out: list[Callable[[str], Any]] = []
+  tok = None
+  if text_tokenizer is not None:
+    try:
+      tok = TextTokenizer.from_file(text_tokenizer)
+    except (FileNotFoundError, ValueError):
+      raise
+    except Exception as e:      # noqa: BLE001  (the tokenizers library's parse errors)
+      raise ValueError(f"cannot load the text tokenizer {text_tokenizer}: {e}") from e
+    out.append(tok.save)
+  codebook = None
+  if image_tokenizer is not None:
+    if not os.path.isdir(image_tokenizer):
+      raise FileNotFoundError(f"image tokenizer directory not found: {image_tokenizer}")
+    mcfg, mparams = magvit.load_pretrained(image_tokenizer)
+    codebook = mcfg.codebook_size
+    out.append(lambda d: magvit.save_pretrained(mcfg, mparams, os.path.join(d, IMAGE_TOKENIZER_DIR)))
+  hf_mmada.check_companions(cfg, tok, codebook, where=where)
+  return out
+
+
+def _run_parts(run_dir: str) -> tuple[str, str, str | None]:
+  """(model, text tokenizer, image tokenizer or None) of a demo run directory."""
+  if not os.path.isdir(run_dir):
+    raise FileNotFoundError(f"run directory not found: {run_dir}")
+  model, text, image = (os.path.join(run_dir, p) for p in RUN_PARTS)
+  for path, what in ((model, "the saved model"), (text, "the text tokenizer")):
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f"{run_dir} has no {os.path.basename(path)}/ ({what}); export-run takes a "
+                              f"demo run directory (python -m mmada_jax.demo --workdir RUN_DIR)")
+  return model, text, image if os.path.isdir(image) else None
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m mmada_jax.convert", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="cmd", required=True)
   for name, hlp in (("to-orbax", "original HF layout (or Orbax) -> Orbax"),
-                    ("to-hf", "Orbax (or original HF layout) -> original HF layout")):
+                    ("to-hf", "Orbax (or original HF layout) -> original HF layout"),
+                    ("export-run", "a demo run directory -> one folder in the original's layout")):
     s = sub.add_parser(name, help=hlp)
-    s.add_argument("src")
+    s.add_argument("run_dir" if name == "export-run" else "src")
     s.add_argument("dst")
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="parameter dtype of the output (default: keep the source's)")
     s.add_argument("--overwrite", action="store_true")
-    if name == "to-hf":
+    if name != "to-orbax":
       s.add_argument("--max-shard-size", type=_parse_size, default=_parse_size("5GB"))
+    if name == "to-hf":
+      s.add_argument("--text-tokenizer", default=None,
+                     help="tokenizer.json (or its folder) to write beside the weights")
+      s.add_argument("--image-tokenizer", default=None,
+                     help=f"MAGVIT-v2 folder to write to DST/{IMAGE_TOKENIZER_DIR}/")
   s = sub.add_parser("inspect", help="print the architecture and parameter table")
   s.add_argument("src")
   args = p.parse_args(argv)
@@ -74,6 +134,15 @@ def main(argv: list[str] | None = None) -> int:
       return 0
     _prepare_dst(args.dst, args.overwrite)
     t0 = time.time()
+    text_tok = image_tok = None
+    if args.cmd == "export-run":
+      args.src, text_tok, image_tok = _run_parts(args.run_dir)
+    elif args.cmd == "to-hf":
+      text_tok, image_tok = args.text_tokenizer, args.image_tokenizer
+    companions = []
+    if args.cmd != "to-orbax":      # tokenizers are checked against config.json before the weights load
+      arch = MMaDAConfig.from_hf_config(hf_mmada.read_hf_config(args.src))
+      companions = _companions(arch, text_tok, image_tok, args.cmd)
     params, cfg = _load(args.src, args.dtype)
     base = hf_mmada.read_hf_config(args.src)
     generation = generation_file.read_section(args.src)     # carried over when the source has one
@@ -81,17 +150,9 @@ def main(argv: list[str] | None = None) -> int:
       orbax_io.save_params(params, cfg, args.dst, hf_config=base, generation_config=generation,
                            overwrite=args.overwrite)
     else:
-      tmp = os.path.abspath(args.dst) + ".partial"
-      shutil.rmtree(tmp, ignore_errors=True)
-      try:
-        hf_mmada.save_hf_checkpoint(params, cfg, tmp, dtype=args.dtype, base_config=base,
-                                    generation_config=generation, max_shard_bytes=args.max_shard_size,
-                                    progress=True)
-        if os.path.exists(args.dst):
-          shutil.rmtree(args.dst)
-        os.replace(tmp, args.dst)
-      finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+      hf_mmada.export_pretrained(params, cfg, args.dst, dtype=args.dtype, base_config=base,
+                                 generation_config=generation, companions=companions,
+                                 max_shard_bytes=args.max_shard_size, progress=True, overwrite=args.overwrite)
     print(f"wrote {args.dst} ({cfg.num_params():,} parameters, {cfg.param_dtype}) in {time.time() - t0:.1f}s")
     return 0
   except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:

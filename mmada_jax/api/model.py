@@ -124,16 +124,27 @@ class MMaDA(GenerationMixin):
     return cls(params, config, mesh=mesh, rules=rules, generation_config=generation_config)
 
   def save_pretrained(self, path: str | os.PathLike, *, format: str = "orbax", param_dtype: str | None = None,
-                      overwrite: bool = False, max_shard_bytes: int = 5 * 2**30, **deprecated: Any) -> None:
+                      overwrite: bool = False, max_shard_bytes: int = 5 * 2**30, tokenizer: Any = None,
+                      image_tokenizer: Any = None, **deprecated: Any) -> None:
     """Writes the model with its ``generation_config.json``: ``format="orbax"`` (ours) or
-    ``"hf"`` (the original's safetensors layout); ``param_dtype`` casts the stored parameters
-    (default: as held). An existing non-empty ``path`` is refused unless ``overwrite``.
+    ``"hf"`` (the original's layout: safetensors and a config.json with every field the
+    original's model classes read, ``hf_mmada.ORIGINAL_CONFIG_FIELDS``); ``param_dtype`` casts
+    the stored parameters (default: as held). An existing non-empty ``path`` is refused unless
+    ``overwrite``; nothing is left half-written.
+
+    With ``format="hf"`` the folder can also hold the tokenizers, as the original's inference
+    scripts expect: ``tokenizer`` (a ``TextTokenizer``) writes tokenizer.json,
+    tokenizer_config.json (with the chat template) and special_tokens_map.json beside the
+    weights; ``image_tokenizer`` (an ``ImageTokenizer``) writes ``image_tokenizer/``. Both are
+    checked against the model (vocabulary room, EOS / mask ids, codebook size).
     Deprecated: ``dtype=`` (``param_dtype``; it always meant storage here)."""
     if deprecated:
       param_dtype = renamed_kwargs("MMaDA.save_pretrained", deprecated, {"dtype": "param_dtype"},
                                    current={"param_dtype": (param_dtype, None)})["param_dtype"]
     if format not in FORMATS:
       raise ValueError(f"unknown format {format!r}; use one of {FORMATS}")
+    if format != "hf" and (tokenizer is not None or image_tokenizer is not None):
+      raise ValueError("tokenizer= / image_tokenizer= are written with format='hf' only")
     path = os.fspath(path)
     gen = self.generation_config.to_dict()
     pdt = canonical_dtype(param_dtype or self.config.param_dtype)
@@ -144,10 +155,16 @@ class MMaDA(GenerationMixin):
       orbax_io.save_params(params, self.config.replace(param_dtype=pdt), path, hf_config=self.hf_config,
                            generation_config=gen, overwrite=overwrite)
     else:
-      if os.path.exists(path) and os.listdir(path) and not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True to replace it)")
-      hf_mmada.save_hf_checkpoint(self.params, self.config, path, dtype=pdt, base_config=self.hf_config,
-                                  generation_config=gen, max_shard_bytes=max_shard_bytes)
+      companions = []
+      if tokenizer is not None:
+        companions.append(tokenizer.save)
+      if image_tokenizer is not None:
+        companions.append(lambda d: image_tokenizer.save_pretrained(os.path.join(d, hf_mmada.IMAGE_TOKENIZER_DIR)))
+      codebook = None if image_tokenizer is None else image_tokenizer.config.codebook_size
+      hf_mmada.check_companions(self.config, tokenizer, codebook, where="MMaDA.save_pretrained")
+      hf_mmada.export_pretrained(self.params, self.config, path, dtype=pdt, base_config=self.hf_config,
+                                 generation_config=gen, companions=companions, max_shard_bytes=max_shard_bytes,
+                                 overwrite=overwrite)
 
   # ------------------------------------------------------------------ properties
   @property

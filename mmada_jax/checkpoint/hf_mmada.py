@@ -18,12 +18,17 @@ Original keys (torch ``Linear`` weights are ``(out, in)``)::
 Loading goes tensor by tensor into preallocated stacked arrays; each finished leaf is placed on
 its devices (sharded when a mesh is given) and the host copy released, so peak host memory is
 about one copy of the weights plus one stacked leaf.
+
+Export writes a ``config.json`` that the original's classes construct from, for any model
+(trained here from scratch or imported): :data:`ORIGINAL_CONFIG_FIELDS` lists every field they
+read and where our value comes from (docs/export.md has the same table).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import ml_dtypes
@@ -31,12 +36,129 @@ import numpy as np
 
 from mmada_jax.checkpoint import generation_file
 from mmada_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsReader, write_safetensors
+from mmada_jax.checkpoint.staging import staged_directory
 from mmada_jax.model import transformer
 from mmada_jax.model.config import MMaDAConfig, canonical_dtype
+from mmada_jax.prompting.special_tokens import TOKEN_STRINGS
 from mmada_jax.sharding import ShardingContext
 
 PREFIX = "model.transformer."
+IMAGE_TOKENIZER_DIR = "image_tokenizer"
+"""Sub-folder of an exported model folder that holds its MAGVIT-v2 tokenizer (original layout)."""
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+# ------------------------------------------------------------------------- config.json on export
+
+MODEL = "model"
+"""This model's value (it changes the computation): from ``MMaDAConfig.to_hf_config``."""
+FIXED = "fixed"
+"""The one value we implement (it changes the computation; import rejects any other)."""
+RELEASED = "released"
+"""The released MMaDA-8B's value: no effect on the forward pass (initialisation, precision flags,
+options that only act with a feature we do not implement). An imported checkpoint's own value is kept."""
+OPTIONAL = "optional"
+"""Read by the original only when present; written when the imported config.json had it."""
+
+_LLADA = "ModelConfig dataclass (configuration_llada.py), read field by field by LLaDAModelLM"
+_MMADA = "MMadaConfig (modeling_mmada.py), copied when present"
+_HF = "transformers PreTrainedModel / PretrainedConfig"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigField:
+  """One ``config.json`` field the original's model classes read.
+
+  ``read_by``: the original's class (and file) that reads it; ``kind``: one of :data:`MODEL`,
+  :data:`FIXED`, :data:`RELEASED`, :data:`OPTIONAL`; ``value``: the written value for ``FIXED`` /
+  ``RELEASED`` fields (None for ``MODEL``: it comes from the model's config); ``note``: what it does.
+  """
+  name: str
+  read_by: str
+  kind: str
+  value: Any = None
+  note: str = ""
+
+
+ORIGINAL_CONFIG_FIELDS: tuple[ConfigField, ...] = (
+    # The original's LLaDA ModelConfig: every dataclass field is read with getattr when the
+    # model is built, so a config.json without one fails with AttributeError.
+    ConfigField("d_model", _LLADA, MODEL, note="hidden size"),
+    ConfigField("n_heads", _LLADA, MODEL, note="query heads"),
+    ConfigField("n_kv_heads", _LLADA, MODEL, note="key/value heads (grouped-query attention when fewer)"),
+    ConfigField("n_layers", _LLADA, MODEL, note="blocks"),
+    ConfigField("mlp_ratio", _LLADA, RELEASED, 4, "used only when mlp_hidden_size is null; we always write it"),
+    ConfigField("mlp_hidden_size", _LLADA, MODEL, note="MLP width"),
+    ConfigField("activation_type", _LLADA, FIXED, "silu", "SiLU on ff_proj (the gate)"),
+    ConfigField("block_type", _LLADA, FIXED, "llama", "q/k/v_proj + gated MLP block"),
+    ConfigField("block_group_size", _LLADA, FIXED, 1, "key layout blocks.{i}"),
+    ConfigField("alibi", _LLADA, FIXED, False, "no ALiBi (RoPE)"),
+    ConfigField("alibi_bias_max", _LLADA, RELEASED, 8.0, "used only with alibi"),
+    ConfigField("rope", _LLADA, FIXED, True, "rotary embeddings"),
+    ConfigField("rope_full_precision", _LLADA, FIXED, True, "RoPE in float32"),
+    ConfigField("flash_attention", _LLADA, RELEASED, False, "kernel choice of the original, same maths"),
+    ConfigField("attention_dropout", _LLADA, FIXED, 0.0, "the dataclass default is 0.1"),
+    ConfigField("multi_query_attention", _LLADA, FIXED, None, "n_kv_heads is given instead"),
+    ConfigField("attention_layer_norm", _LLADA, FIXED, False, "no q/k norms"),
+    ConfigField("residual_dropout", _LLADA, FIXED, 0.0, "the dataclass default is 0.1"),
+    ConfigField("embedding_dropout", _LLADA, FIXED, 0.0, "the dataclass default is 0.1"),
+    ConfigField("input_emb_norm", _LLADA, FIXED, False, "no embedding scaling"),
+    ConfigField("layer_norm_type", _LLADA, FIXED, "rms", "RMSNorm"),
+    ConfigField("layer_norm_with_affine", _LLADA, FIXED, True, "RMSNorm weights"),
+    ConfigField("rms_norm_eps", _LLADA, MODEL, note="RMSNorm epsilon"),
+    ConfigField("attention_layer_norm_with_affine", _LLADA, RELEASED, True, "used only with attention_layer_norm"),
+    ConfigField("max_sequence_length", _LLADA, MODEL, note="RoPE cache length (longer inputs are recomputed)"),
+    ConfigField("rope_theta", _LLADA, MODEL, note="RoPE base"),
+    ConfigField("include_qkv_bias", _LLADA, FIXED, False, "no q/k/v biases"),
+    ConfigField("include_bias", _LLADA, FIXED, False, "no linear biases"),
+    ConfigField("bias_for_layer_norm", _LLADA, FIXED, False, "no norm biases"),
+    ConfigField("scale_logits", _LLADA, FIXED, False, "no logit scaling"),
+    ConfigField("vocab_size", _LLADA, MODEL, note="vocabulary (= embedding_size)"),
+    ConfigField("embedding_size", _LLADA, MODEL, note="rows of wte and of the LM head"),
+    ConfigField("weight_tying", _LLADA, FIXED, False, "untied LM head (ff_out)"),
+    ConfigField("eos_token_id", _LLADA, MODEL, note="end of text"),
+    ConfigField("pad_token_id", _LLADA, MODEL, note="text padding (EOS in MMaDA)"),
+    ConfigField("mask_token_id", _LLADA, MODEL, note="the diffusion mask token; also read by the MMaDA samplers"),
+    ConfigField("init_device", _LLADA, RELEASED, "meta", "initialisation only"),
+    ConfigField("init_fn", _LLADA, RELEASED, "mitchell", "initialisation only"),
+    ConfigField("init_std", _LLADA, RELEASED, 0.02, "initialisation only"),
+    ConfigField("init_cutoff_factor", _LLADA, RELEASED, None, "initialisation only"),
+    ConfigField("precision", _LLADA, RELEASED, "amp_bf16", "the original's training precision flag"),
+    # MMaDA's own config class keeps these when present.
+    ConfigField("llm_vocab_size", _MMADA, MODEL, note="text vocabulary of the base LLM"),
+    ConfigField("codebook_size", _MMADA, MODEL, note="image codes"),
+    ConfigField("num_vq_tokens", _MMADA, MODEL, note="image tokens per image"),
+    ConfigField("num_new_special_tokens", _MMADA, FIXED, 0, "the special tokens reuse reserved ids"),
+    ConfigField("new_vocab_size", _MMADA, MODEL, note="= vocab_size"),
+    ConfigField("llm_model_path", _MMADA, OPTIONAL, note="where the base LLM came from (training only)"),
+    ConfigField("gradient_checkpointing", _MMADA, OPTIONAL, note="training only (unused by the model)"),
+    # transformers' side of the model class.
+    ConfigField("model_type", _HF, FIXED, "mmada", "selects MMadaConfig"),
+    ConfigField("architectures", _HF, FIXED, ["MMadaModelLM"], "the model class"),
+    ConfigField("use_cache", "LLaDAModelLM.forward (modeling_llada.py)", FIXED, False, "the model has no KV cache"),
+    ConfigField("tie_word_embeddings", _HF, FIXED, False, "transformers' default True would tie ff_out to wte"),
+    ConfigField("torch_dtype", _HF, MODEL, note="dtype of the stored tensors"),
+    ConfigField("transformers_version", _HF, RELEASED, "4.46.0", "the version the original pins"),
+)
+"""Every config.json field of the original's MMaDA/LLaDA model classes, in the order above."""
+
+
+def original_config(cfg: MMaDAConfig, base: Mapping[str, Any] | None = None, *,
+                    dtype: str | None = None) -> dict[str, Any]:
+  """The complete ``config.json`` of the original's classes for ``cfg``.
+
+  Precedence: the released MMaDA-8B's values (:data:`RELEASED`) < ``base`` (an imported
+  checkpoint's config.json: its extra and released-kind fields are kept) < this model's
+  architecture (:data:`MODEL` / :data:`FIXED`, from ``cfg``); ``torch_dtype`` is ``dtype``
+  (default: ``cfg.param_dtype``).
+  """
+  out: dict[str, Any] = {f.name: f.value for f in ORIGINAL_CONFIG_FIELDS if f.kind == RELEASED}
+  out.update(base or {})
+  out.update(cfg.to_hf_config())
+  out["torch_dtype"] = canonical_dtype(dtype or cfg.param_dtype)
+  missing = [f.name for f in ORIGINAL_CONFIG_FIELDS if f.kind != OPTIONAL and f.name not in out]
+  if missing:
+    raise ValueError(f"config.json export lacks the original's fields {missing}")
+  return out
 
 
 def _block_key(i: int, name: str) -> str:
@@ -194,8 +316,9 @@ def save_hf_checkpoint(params: dict[str, Any], cfg: MMaDAConfig, out_dir: str, *
                        dtype: str | None = None, base_config: dict[str, Any] | None = None,
                        generation_config: Mapping[str, Any] | None = None,
                        max_shard_bytes: int = 5 * 2**30, progress: bool = False) -> list[str]:
-  """Writes the original layout: config.json + model.safetensors (or shards + index), and
-  generation_config.json with the ``generation_config`` section when given."""
+  """Writes the original layout: config.json (every field of :data:`ORIGINAL_CONFIG_FIELDS`, see
+  :func:`original_config`) + model.safetensors (or shards + index), and generation_config.json
+  with the ``generation_config`` section when given."""
   transformer.check_params(params, cfg)
   out_dtype = canonical_dtype(dtype or cfg.param_dtype)
   tensors = iter_original_tensors(params, cfg, out_dtype)
@@ -203,9 +326,7 @@ def save_hf_checkpoint(params: dict[str, Any], cfg: MMaDAConfig, out_dir: str, *
     from tqdm import tqdm
     tensors = tqdm(tensors, total=3 + 9 * cfg.n_layers, desc="writing safetensors", unit="tensor")
   files = write_safetensors(tensors, out_dir, "model.safetensors", max_shard_bytes)
-  hf = dict(base_config or {})
-  hf.update(cfg.to_hf_config())
-  hf["torch_dtype"] = out_dtype
+  hf = original_config(cfg, base_config, dtype=out_dtype)
   tmp = os.path.join(out_dir, ".config.json.tmp")
   with open(tmp, "w") as f:
     json.dump(hf, f, indent=2, sort_keys=True)
@@ -215,3 +336,47 @@ def save_hf_checkpoint(params: dict[str, Any], cfg: MMaDAConfig, out_dir: str, *
     generation_file.write(out_dir, generation_config, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
     files.append(generation_file.FILE_NAME)
   return files
+
+
+def export_pretrained(params: dict[str, Any], cfg: MMaDAConfig, path: str, *, dtype: str | None = None,
+                      base_config: dict[str, Any] | None = None,
+                      generation_config: Mapping[str, Any] | None = None,
+                      companions: Sequence[Callable[[str], Any]] = (), max_shard_bytes: int = 5 * 2**30,
+                      progress: bool = False, overwrite: bool = False) -> None:
+  """:func:`save_hf_checkpoint` into ``path`` whole or not at all (a staging folder renamed when
+  complete). Each of ``companions`` is then called with the staging folder and writes beside the
+  weights (the text tokenizer's files, ``image_tokenizer/``). An existing non-empty ``path`` is
+  refused unless ``overwrite``."""
+  with staged_directory(path, overwrite=overwrite) as tmp:
+    save_hf_checkpoint(params, cfg, tmp, dtype=dtype, base_config=base_config,
+                       generation_config=generation_config, max_shard_bytes=max_shard_bytes,
+                       progress=progress)
+    for write in companions:
+      write(tmp)
+
+
+def check_companions(cfg: MMaDAConfig, text_tokenizer: Any = None, codebook_size: int | None = None,
+                     where: str = "export") -> None:
+  """Checks that a text tokenizer / an image tokenizer's codebook belongs to the model ``cfg``.
+
+  The text tokenizer (``len``, ``eos_token_id``, ``token_to_id``) must leave room for the image
+  codes (image code c is token ``c + len(tokenizer)``) and agree on EOS and the mask token;
+  ``codebook_size`` must equal the model's. Raises ``ValueError`` naming the mismatch.
+  """
+  if codebook_size is not None and int(codebook_size) != cfg.codebook_size:
+    raise ValueError(f"{where}: the image tokenizer has {codebook_size} codes but the model expects "
+                     f"codebook_size={cfg.codebook_size}")
+  if text_tokenizer is None:
+    return
+  n = len(text_tokenizer)
+  if n + cfg.codebook_size > cfg.vocab_size:
+    raise ValueError(f"{where}: the text tokenizer has {n} tokens; with {cfg.codebook_size} image codes "
+                     f"after them that exceeds the model's vocab_size={cfg.vocab_size}")
+  eos = text_tokenizer.eos_token_id
+  if eos is not None and int(eos) != cfg.eos_token_id:
+    raise ValueError(f"{where}: the text tokenizer's EOS id is {eos} but the model's eos_token_id is "
+                     f"{cfg.eos_token_id}")
+  mask = text_tokenizer.token_to_id(TOKEN_STRINGS["mask"])
+  if mask is not None and int(mask) != cfg.mask_token_id:
+    raise ValueError(f"{where}: the text tokenizer's {TOKEN_STRINGS['mask']} id is {mask} but the model's "
+                     f"mask_token_id is {cfg.mask_token_id}")

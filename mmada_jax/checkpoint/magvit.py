@@ -9,6 +9,11 @@ The mapping is derived from the Flax module tree (see ``modules``): a parameter 
 The expected key set and every shape therefore follow from the config, and loading checks the
 checkpoint against them tensor by tensor. The quantizer buffers ``quantize.embedding`` and
 ``quantize.power_vals`` hold no learned state: they are validated when present and regenerated on export.
+
+Export writes every ``config.json`` field the original's tokenizer classes take
+(:data:`ORIGINAL_CONFIG_FIELDS`, docs/export.md). The released class ``MAGVITv2`` takes none: it
+builds the released architecture from its components' defaults and ignores the other keys. Any
+architecture is fully described by the kwargs of those components, which we write explicitly.
 """
 from __future__ import annotations
 
@@ -36,6 +41,37 @@ _LEVEL_CHILD = re.compile(r"(block|attn)_(\d+)")
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 WEIGHTS_NAME = "pytorch_model.safetensors"
 _STORED = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+VQGAN_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "in_ch", "out_ch",
+                "resolution", "z_channels", "double_z")
+"""Keyword arguments of the original's ``VQGANEncoder.__init__`` / ``VQGANDecoder.__init__``
+(modeling_magvitv2.py): the keys of ``encoder_config`` / ``decoder_config``."""
+
+ORIGINAL_CONFIG_FIELDS: tuple[tuple[str, str, str], ...] = (
+    ("_class_name", "diffusers ConfigMixin (saved with every config; MAGVITv2 for the released architecture)",
+     "the class name the tokenizer was loaded with (MagvitConfig.class_name)"),
+    ("_diffusers_version", "diffusers ConfigMixin (metadata)", "0.31.0"),
+    ("codebook_dim", "LFQuantizer.__init__(codebook_dim=) (modeling_magvitv2.py)", "the model's LFQ bits"),
+    ("encoder_config", "VQGANEncoder.__init__ kwargs (modeling_magvitv2.py)",
+     "the model's encoder, every key of VQGAN_FIELDS"),
+    ("decoder_config", "VQGANDecoder.__init__ kwargs (modeling_magvitv2.py)",
+     "the model's decoder, every key of VQGAN_FIELDS"),
+)
+"""(field, the original's reader, what we write) for a tokenizer's ``config.json``. Not written:
+the LFQ's loss weights (``beta``, ``entropy_multiplier``, ``commit_loss_multiplier``) and
+``num_codebook_entry``, which the original's classes take from their constructor defaults in
+every layout."""
+
+
+def original_config(config: MagvitConfig) -> dict[str, Any]:
+  """The tokenizer's complete ``config.json`` dict (every field of :data:`ORIGINAL_CONFIG_FIELDS`)."""
+  out = config.to_hf_config()
+  missing = [name for name, _, _ in ORIGINAL_CONFIG_FIELDS if name not in out]
+  for part in ("encoder_config", "decoder_config"):
+    missing += [f"{part}.{k}" for k in VQGAN_FIELDS if k not in out.get(part, {})]
+  if missing:
+    raise ValueError(f"image tokenizer config.json export lacks the original's fields {missing}")
+  return out
 
 
 def torch_key(path: tuple[str, ...]) -> str:
@@ -194,7 +230,7 @@ def save_pretrained(config: MagvitConfig, params: Params, path: str, *, param_dt
   try:
     write_safetensors(tensors, tmp, base_name=WEIGHTS_NAME)
     with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(config.to_hf_config(), f, indent=2, sort_keys=True)
+      json.dump(original_config(config), f, indent=2, sort_keys=True)
       f.write("\n")
     if os.path.exists(path):
       shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)

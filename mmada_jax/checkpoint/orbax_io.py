@@ -2,7 +2,7 @@
 
 Layout of a model directory::
 
-  DIR/config.json      the original's config.json fields (architecture; read by MMaDAConfig)
+  DIR/config.json      the original's complete config.json (``hf_mmada.original_config``; read by MMaDAConfig)
   DIR/params/          Orbax StandardCheckpointer pytree (tensorstore/zarr, one array per leaf)
   DIR/generation_config.json
                        optional: prompt layout and sampler defaults (``generation_file``)
@@ -23,6 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from mmada_jax.checkpoint import generation_file
+from mmada_jax.checkpoint.hf_mmada import original_config
 from mmada_jax.checkpoint.safetensors_io import CheckpointError
 from mmada_jax.model import transformer
 from mmada_jax.model.config import MMaDAConfig, canonical_dtype
@@ -54,8 +55,7 @@ def save_params(params: Any, cfg: MMaDAConfig, path: str, *, hf_config: dict[str
     # second full copy of the weights (the converter's peak memory stays near one copy).
     ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb))
     ckptr.save(os.path.join(tmp, "params"), args=ocp.args.StandardSave(params))
-    hf = dict(hf_config or {})
-    hf.update(cfg.to_hf_config())
+    hf = original_config(cfg, hf_config)
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf, f, indent=2, sort_keys=True)
     if generation_config is not None:

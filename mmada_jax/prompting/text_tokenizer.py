@@ -11,6 +11,10 @@ The chat template is LLaDA's (the override in ``generate.py``/``app.py``)::
 
   BOS + for each turn: <|start_header_id|>{role}<|end_header_id|>\\n{content.strip()}<|eot_id|>
       + (generation prompt) <|start_header_id|>assistant<|end_header_id|>\\n
+
+:meth:`TextTokenizer.save` writes the folder layout that transformers' ``AutoTokenizer`` loads:
+``tokenizer.json``, ``tokenizer_config.json`` (``PreTrainedTokenizerFast``, the special tokens,
+:data:`CHAT_TEMPLATE`) and ``special_tokens_map.json``.
 """
 from __future__ import annotations
 
@@ -25,6 +29,14 @@ Message = Mapping[str, object]
 """A chat turn: ``{"role": str, "content": str | Sequence[int]}``."""
 
 _SH, _EH, _EOT = TOKEN_STRINGS["start_header"], TOKEN_STRINGS["end_header"], TOKEN_STRINGS["eot_id"]
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '" + _SH + "' + message['role'] + '" + _EH + "\n' + message['content'] | trim + '" + _EOT + "' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '" + _SH + "assistant" + _EH + "\n' }}{% endif %}")
+"""The LLaDA chat template as a Jinja string (``tokenizer_config.json``'s ``chat_template``): it
+renders what :meth:`TextTokenizer.apply_chat_template` builds."""
+_SPECIAL_MAP_KEYS = ("bos_token", "eos_token", "pad_token", "mask_token", "additional_special_tokens")
 
 
 def _token_content(value) -> str | None:
@@ -42,10 +54,13 @@ class TextTokenizer:
     bos_token_id / eos_token_id: their ids.
   """
 
-  def __init__(self, backend, bos_token: str | None = None, eos_token: str | None = None):
+  def __init__(self, backend, bos_token: str | None = None, eos_token: str | None = None,
+               tokenizer_config: Mapping[str, object] | None = None):
     """``backend``: a ``tokenizers.Tokenizer``. ``bos_token``/``eos_token`` default to
-    ``<|startoftext|>``/``<|endoftext|>`` when those are in the vocabulary."""
+    ``<|startoftext|>``/``<|endoftext|>`` when those are in the vocabulary. ``tokenizer_config``:
+    the ``tokenizer_config.json`` it was loaded with (its fields are kept by :meth:`save`)."""
     self._backend = backend
+    self.tokenizer_config = dict(tokenizer_config or {})
     self.bos_token = bos_token if bos_token is not None else self._default_token("bos")
     self.eos_token = eos_token if eos_token is not None else self._default_token("eos")
     for name in ("bos_token", "eos_token"):
@@ -76,14 +91,23 @@ class TextTokenizer:
       raise FileNotFoundError(f"no tokenizer file at {file!r} (expected a Hugging Face tokenizer.json "
                               "or a directory containing one)")
     folder = os.path.dirname(os.path.abspath(file))
+    loaded: dict[str, object] = {}
     for cfg_name in ("tokenizer_config.json", "special_tokens_map.json"):
       cfg_path = os.path.join(folder, cfg_name)
       if os.path.isfile(cfg_path):
         with open(cfg_path, encoding="utf-8") as f:
-          cfg = json.load(f)
+          try:
+            cfg = json.load(f)
+          except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
+        if not isinstance(cfg, dict):
+          raise ValueError(f"{cfg_path} must hold a JSON object, got {type(cfg).__name__}")
         bos_token = bos_token if bos_token is not None else _token_content(cfg.get("bos_token"))
         eos_token = eos_token if eos_token is not None else _token_content(cfg.get("eos_token"))
-    return cls(tokenizers.Tokenizer.from_file(file), bos_token=bos_token, eos_token=eos_token)
+        if cfg_name == "tokenizer_config.json":
+          loaded = cfg
+    return cls(tokenizers.Tokenizer.from_file(file), bos_token=bos_token, eos_token=eos_token,
+               tokenizer_config=loaded)
 
   @staticmethod
   def from_ids(vocab_len: int = LLADA_TOKENIZER_LEN, bos_token_id: int = LLADA_RESERVED_IDS["bos"],
@@ -93,15 +117,48 @@ class TextTokenizer:
     :class:`PretokenizedTokenizer`."""
     return PretokenizedTokenizer(vocab_len, bos_token_id, eos_token_id, named_ids)
 
+  def hf_tokenizer_config(self) -> dict[str, object]:
+    """The ``tokenizer_config.json`` that :meth:`save` writes.
+
+    Ours: ``tokenizer_class`` ``PreTrainedTokenizerFast``; ``bos_token`` / ``eos_token``;
+    ``pad_token`` = EOS (MMaDA pads text with EOS); ``mask_token`` ``<|mdm_mask|>`` and
+    ``additional_special_tokens`` (the other MMaDA tokens) when in the vocabulary;
+    ``chat_template`` :data:`CHAT_TEMPLATE`; ``padding_side`` ``left`` (the original's prompts);
+    ``clean_up_tokenization_spaces`` false (decoding keeps the text as encoded); and
+    ``added_tokens_decoder`` from ``tokenizer.json``. Fields of the ``tokenizer_config.json`` this
+    tokenizer was loaded with win, except BOS / EOS (this tokenizer's), ``added_tokens_decoder``
+    (always ``tokenizer.json``'s) and a missing or null ``chat_template``.
+    """
+    present = {name: text for name, text in TOKEN_STRINGS.items() if self.token_to_id(text) is not None}
+    ours: dict[str, object] = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token,
+                               "eos_token": self.eos_token, "pad_token": self.eos_token}
+    if "mask" in present:
+      ours["mask_token"] = present["mask"]
+    named = {self.bos_token, self.eos_token, present.get("mask")}
+    ours["additional_special_tokens"] = [t for t in present.values() if t not in named]
+    ours.update(chat_template=CHAT_TEMPLATE, padding_side="left", clean_up_tokenization_spaces=False)
+    cfg = {**ours, **self.tokenizer_config, "bos_token": self.bos_token, "eos_token": self.eos_token}
+    if not cfg.get("chat_template"):
+      cfg["chat_template"] = CHAT_TEMPLATE
+    cfg["added_tokens_decoder"] = {
+        str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                 "single_word": t.single_word, "special": t.special}
+        for i, t in sorted(self._backend.get_added_tokens_decoder().items())}
+    return cfg
+
   def save(self, directory: str | os.PathLike) -> str:
-    """Writes ``tokenizer.json`` and a minimal ``tokenizer_config.json``; returns the directory."""
+    """Writes ``tokenizer.json``, ``tokenizer_config.json`` (:meth:`hf_tokenizer_config`) and
+    ``special_tokens_map.json``: the folder that transformers' ``AutoTokenizer.from_pretrained``
+    and :meth:`from_file` load. Returns the directory."""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
+    cfg = self.hf_tokenizer_config()
     self._backend.save(os.path.join(directory, "tokenizer.json"))
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token,
-           "eos_token": self.eos_token, "pad_token": self.eos_token}
-    with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-      json.dump(cfg, f, indent=1)
+    special = {k: cfg[k] for k in _SPECIAL_MAP_KEYS if cfg.get(k) is not None}
+    for name, obj in (("tokenizer_config.json", cfg), ("special_tokens_map.json", special)):
+      with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
     return directory
 
   # vocabulary -----------------------------------------------------------------------------
