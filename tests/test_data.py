@@ -315,18 +315,19 @@ def test_tokenize_images_end_to_end(image_tok, tmp_path):
   good = open(bad, "rb").read()
   open(bad, "wb").write(b"not an image")
   out2 = str(tmp_path / "out2")
-  with pytest.raises(RuntimeError, match="row 6"):
-    tokenize_images(image_tok, imgs, out2, resolution=8, batch_size=4, shard_size=4, progress=False)
+  with pytest.raises(RuntimeError, match=rows[6]["file_name"]):
+    tokenize_images(image_tok, imgs, out2, resolution=8, batch_size=4, shard_size=4, progress=False,
+                    skip_bad=False)
   assert not os.path.exists(out2)
-  progress = json.load(open(out2 + ".partial/progress.json"))
-  assert [s["rows"] for s in progress["shards"]] == [[0, 4]]
+  assert sorted(n for n in os.listdir(out2 + ".partial") if not n.startswith("settings")) == \
+      [m["shards"][0]["file"], m["shards"][0]["file"] + ".done.json"]
   with pytest.raises(FileExistsError, match="restart"):
     tokenize_images(image_tok, imgs, out2, resolution=16, batch_size=4, shard_size=4, progress=False)
   open(bad, "wb").write(good)
   tok_dir = str(tmp_path / "tok")
   image_tok.save_pretrained(tok_dir)
   rc = main(["--tokenizer", tok_dir, "--input", imgs, "--output", out2, "--resolution", "8", "--batch-size", "4",
-             "--shard-size", "4", "--quiet"])
+             "--shard-size", "4", "--quiet", "--strict"])
   assert rc == 0 and not os.path.exists(out2 + ".partial")
   src2 = open_source(out2)
   assert len(src2) == 10 and all(np.array_equal(src[i]["codes"], src2[i]["codes"]) for i in range(10))

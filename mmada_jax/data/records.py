@@ -59,8 +59,9 @@ def read_manifest(folder: str) -> dict[str, Any]:
 
   Fields: ``format``, ``version``, ``count`` (records), ``num_tokens`` (N), ``grid`` [h, w],
   ``codebook_size``, ``code_dtype``, ``resolution`` (px), ``resize``, ``shards`` (list of
-  ``{"file", "count"}``), ``text_fields``, ``tokenizer`` (``config``, ``config_hash``,
-  ``params_hash``), ``source``.
+  ``{"file", "count", "source"}``), ``text_fields``, ``skipped`` (``count`` and per-reason
+  ``{"count", "examples": [{"where", "detail"}]}`` of the inputs that could not become records),
+  ``tokenizer`` (``config``, ``config_hash``, ``params_hash``), ``source``, ``processes``.
   Raises FileNotFoundError when there is no manifest, ValueError when it is not a token-shard one.
   """
   path = os.path.join(folder, MANIFEST_NAME)

@@ -132,7 +132,7 @@ def write_token_shards(folder: str, n: int, num_tokens: int = 16, seed: int = 0,
       "format": records.FORMAT_NAME, "version": records.FORMAT_VERSION, "count": n, "num_tokens": num_tokens,
       "grid": [side, num_tokens // side] if side * side == num_tokens else [1, num_tokens],
       "codebook_size": codebook_size, "code_dtype": "uint16", "resolution": None, "resize": None,
-      "shards": shards, "text_fields": sorted(fields), "skipped_rows": [],
+      "shards": shards, "text_fields": sorted(fields), "skipped": {"count": 0, "reasons": {}},
       "tokenizer": {"config": None, "config_hash": "synthetic", "params_hash": "synthetic", "path": None},
       "source": f"synthetic(seed={seed}, kind={kind})", "created": None,
   }

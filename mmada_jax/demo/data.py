@@ -120,7 +120,7 @@ def write_token_shards(folder: str, codes: np.ndarray, fields: Sequence[dict[str
       "format": records.FORMAT_NAME, "version": records.FORMAT_VERSION, "count": int(len(codes)),
       "num_tokens": int(codes.shape[1]), "grid": [int(g) for g in grid], "codebook_size": int(codebook_size),
       "code_dtype": "uint16", "resolution": int(resolution), "resize": "squash", "shards": shards,
-      "text_fields": sorted(names), "skipped_rows": [], "tokenizer": tokenizer_info, "source": source,
+      "text_fields": sorted(names), "skipped": {"count": 0, "reasons": {}}, "tokenizer": tokenizer_info, "source": source,
       "created": None,
   }
   records.write_json_atomic(os.path.join(folder, records.MANIFEST_NAME), manifest)
