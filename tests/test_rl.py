@@ -337,9 +337,11 @@ def test_default_text_rewards_weights():
 
 @pytest.mark.parametrize("pred,ref,ok", [
     ("x+1", "1+x", True), ("2\\sqrt{2}", "\\sqrt{8}", True), ("\\frac{\\pi}{2}", "\\pi/2", True),
-    ("x+2", "x+1", False), ("cat", "act", False), ("0.333", "1/3", False)])
+    ("x+2", "x+1", False), ("cat", "act", False), ("0.333", "1/3", False),
+    ("3+4", "7", False), ("8-1", "7", False), ("\\frac{14}{2}", "7", True)])
 def test_answers_match_symbolic(pred, ref, ok):
-  """Beyond the rules, math-verify decides mathematical forms; words and plain numbers never reach it."""
+  """Beyond the rules, math-verify decides mathematical forms; words and numeric references never
+  reach it (restating "3+4" is not the answer 7)."""
   assert answer_lib.answers_match(pred, ref) is ok
   assert not answer_lib.answers_match("x+1", "1+x", symbolic=False)
 

@@ -235,9 +235,12 @@ def symbolic_equal(pred: str, ref: str) -> bool:
 def answers_match(pred: str | None, ref: Any, rel_tol: float = 1e-4, symbolic: bool = True) -> bool:
   """Whether a predicted final answer equals the reference (numbers, tuples, or strings).
 
-  The module's rules decide first; when they say "different" and the answers are not both plain
-  numbers, and both contain a digit, a LaTeX command or an operator (so that words such as "cat" /
-  "act" are never read as products of symbols), ``symbolic=True`` asks :func:`symbolic_equal`.
+  The module's rules decide first, and alone when the reference is a plain number: an
+  unevaluated expression such as "3+4" is not the answer 7 (a CAS would say equal, which would
+  reward restating an arithmetic question). When the rules say "different", the reference is not a
+  plain number, and both contain a digit, a LaTeX command or an operator (so that words such as
+  "cat" / "act" are never read as products of symbols), ``symbolic=True`` asks
+  :func:`symbolic_equal`.
   """
   if pred is None or ref is None:
     return False
@@ -246,8 +249,8 @@ def answers_match(pred: str | None, ref: Any, rel_tol: float = 1e-4, symbolic: b
     return False
   if _rules_match(p, r, rel_tol, symbolic):
     return True
-  if not symbolic or (parse_number(p) is not None and parse_number(r) is not None):
-    return False
+  if not symbolic or parse_number(r) is not None:
+    return False   # numeric references: the rules' numeric comparison is the answer
   if not (_MATHY.search(p) and _MATHY.search(r)):
     return False   # words: a CAS reads "cat" as c·a·t (= "act"), so text answers stay with the rules
   return symbolic_equal(pred, str(ref))
