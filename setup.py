@@ -42,6 +42,8 @@ setup(
     extras_require={
         "tpu": ["jax[tpu]>=0.10.2,<0.13"],
         "cuda": ["jax[cuda12]>=0.10.2,<0.13"],
+        # lm-eval model class mmada_jax.eval.lm_eval_model (its core needs no torch).
+        "eval": ["lm-eval==0.4.13"],
         # setuptools, wheel: tests/test_packaging.py builds the wheel offline (--no-build-isolation;
         # Python 3.12 venvs come without setuptools, 3.11's without wheel).
         "dev": ["pytest>=8", "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6", "setuptools>=64", "wheel>=0.40"],

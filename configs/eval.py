@@ -9,11 +9,13 @@ from __future__ import annotations
 from mmada_jax.config_schema import to_config_dict
 from mmada_jax.eval.config import EvalConfig
 
-VARIANTS = ("gsm8k", "math", "mmlu", "arc_c", "vqav2", "pope", "mmmu")
+VARIANTS = ("gsm8k", "math", "mmlu", "arc_c", "vqav2", "pope", "mmmu", "geneval", "clip_score")
 
 # Image understanding: VLMEvalKit-style defaults of the MMaDA evaluation wrapper for short-answer
 # datasets (max_new_tokens = steps = block_length = 2); chat template on.
 _MMU = dict(gen_length=2, steps=2, block_length=2, chat=True, batch_size=8)
+
+_T2I = dict(steps=50, cfg=3.5, noise_schedule="cosine", batch_size=1)
 
 PRESETS = {
     # GSM8K, 5-shot: the MMaDA repository's lm-eval script (gen_length 256, steps 256, block 64).
@@ -29,6 +31,12 @@ PRESETS = {
     "vqav2": dict(task="vqav2", **_MMU),
     "pope": dict(task="pope", **_MMU),
     "mmmu": dict(task="mmmu", **_MMU),
+    # Text-to-image: the MMaDA paper's T2I settings (1024 image tokens, cosine schedule, 50 steps,
+    # CFG 3.5); the image-token count is the checkpoint's generation config (1024 for MMaDA 8B).
+    # GenEval: 4 images per prompt (GenEval's protocol), scored by GenEval's detector afterwards.
+    "geneval": dict(task="geneval", **_T2I, n_samples=4),
+    # CLIP score (100·max(cos, 0)) of one image per prompt; needs --config.clip_model=DIR.
+    "clip_score": dict(task="clip_score", **_T2I, n_samples=1),
 }
 
 

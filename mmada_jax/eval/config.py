@@ -4,8 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-TASKS = ("gsm8k", "math", "mmlu", "arc_c", "vqav2", "pope", "mmmu")
-Task = Literal["gsm8k", "math", "mmlu", "arc_c", "vqav2", "pope", "mmmu"]
+TASKS = ("gsm8k", "math", "mmlu", "arc_c", "vqav2", "pope", "mmmu", "geneval", "clip_score")
+Task = Literal["gsm8k", "math", "mmlu", "arc_c", "vqav2", "pope", "mmmu", "geneval", "clip_score"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,7 +19,10 @@ class EvalConfig:
   batch_size: prompts per sampler call, or Monte-Carlo copies per forward pass (likelihood tasks);
   limit: only the first ``limit`` examples (None: all); gen_length / block_length / steps / cache
   / threshold: the text sampler's settings; chat: render prompts with the chat template;
-  mc_num / cfg: the likelihood estimator's samples and CFG weight; seed: sampler / estimator seed.
+  mc_num / cfg: the likelihood estimator's samples and CFG weight (text-to-image tasks: ``cfg`` is
+  the image sampler's CFG weight, ``steps`` its steps); seed: sampler / estimator seed;
+  n_samples / noise_schedule: images per prompt and the mask schedule (text-to-image tasks);
+  clip_model: a local Hugging Face CLIP directory (``clip_score``; optional for ``geneval``).
   """
   task: Task = "gsm8k"
   model: str = ""
@@ -39,9 +42,12 @@ class EvalConfig:
   mc_num: int = 128
   cfg: float = 0.0
   seed: int = 0
+  n_samples: int = 4
+  noise_schedule: Literal["cosine", "linear", "sigmoid"] = "cosine"
+  clip_model: str = ""
 
   def __post_init__(self):
-    for name in ("batch_size", "gen_length", "block_length", "steps", "mc_num"):
+    for name in ("batch_size", "gen_length", "block_length", "steps", "mc_num", "n_samples"):
       if getattr(self, name) < 1:
         raise ValueError(f"config.{name}={getattr(self, name)} must be >= 1")
     if self.limit is not None and self.limit < 1:

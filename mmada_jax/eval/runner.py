@@ -2,7 +2,10 @@
 
 Task kinds: ``generate`` (gsm8k, math: text sampling, then the task's scorer), ``mmu`` (vqav2,
 pope, mmmu: ``MMaDA.answer`` on the example's image) and ``likelihood`` (mmlu, arc_c: the choice
-with the highest Monte-Carlo log-likelihood, :mod:`mmada_jax.eval.likelihood`).
+with the highest Monte-Carlo log-likelihood, :mod:`mmada_jax.eval.likelihood`), ``t2i`` (geneval,
+clip_score: images in GenEval's layout, optionally CLIP-scored, :mod:`mmada_jax.eval.t2i`).
+Text sampling batches only prompts of equal token length (:mod:`mmada_jax.eval.batching`), so a
+generation task's per-example outputs do not depend on ``batch_size``.
 
 Outputs in the workdir: ``samples.jsonl`` (one row per example in data order: ``index``,
 ``prompt``, ``output``, ``target``, ``score``; rewritten atomically after every batch),
@@ -26,11 +29,11 @@ import jax
 import numpy as np
 
 from mmada_jax.config_schema import parse
-from mmada_jax.eval import data, likelihood, scoring
+from mmada_jax.eval import batching, data, likelihood, scoring
 from mmada_jax.eval.config import EvalConfig
 
 KINDS = {"gsm8k": "generate", "math": "generate", "mmlu": "likelihood", "arc_c": "likelihood",
-         "vqav2": "mmu", "pope": "mmu", "mmmu": "mmu"}
+         "vqav2": "mmu", "pope": "mmu", "mmmu": "mmu", "geneval": "t2i", "clip_score": "t2i"}
 FORMAT = {"gsm8k": "gsm8k", "math": "math", "mmlu": "mmlu", "arc_c": "arc", "vqav2": "vqa", "pope": "pope",
           "mmmu": "mmmu"}
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
@@ -102,12 +105,13 @@ def load(ec: EvalConfig) -> Loaded:
   from mmada_jax.api.image_tokenizer import ImageTokenizer
   from mmada_jax.api.model import MMaDA
   from mmada_jax.prompting import TextTokenizer
-  for name in ("model", "text_tokenizer", "data") + (("image_tokenizer",) if KINDS[ec.task] == "mmu" else ()):
+  images = KINDS[ec.task] in ("mmu", "t2i")
+  for name in ("model", "text_tokenizer", "data") + (("image_tokenizer",) if images else ()):
     if not getattr(ec, name):
       raise ValueError(f"config.{name} is not set (--config.{name}=PATH)")
     if not os.path.exists(getattr(ec, name)):
       raise FileNotFoundError(f"config.{name}: {getattr(ec, name)!r} does not exist")
-  itok = ImageTokenizer.from_pretrained(ec.image_tokenizer) if KINDS[ec.task] == "mmu" else None
+  itok = ImageTokenizer.from_pretrained(ec.image_tokenizer) if images else None
   return Loaded(MMaDA.from_pretrained(ec.model), TextTokenizer.from_file(ec.text_tokenizer), itok)
 
 
@@ -192,8 +196,12 @@ def run_batch(ec: EvalConfig, lo: Loaded, batch: list[data.Example], shots: list
     return _likelihood_rows(ec, lo, batch, prompts)
   n = len(batch)
   if kind == "generate":
-    out = lo.model.generate_text(_pad(prompts, ec.batch_size), tokenizer=lo.tokenizer, chat=ec.chat,
-                                 **_sampler_kwargs(ec))
+    ids = [batching.prompt_ids(lo.tokenizer, p, chat=ec.chat) for p in prompts]
+    gen = batching.generate_unpadded(lo.model, ids, batch_size=ec.batch_size, **_sampler_kwargs(ec))
+    texts = batching.decode(lo.model, lo.tokenizer, gen)
+    rows = [dict(index=ex.index, prompt=p, output=t, target=ex.target, score=score(ec.task, ex, t))
+            for ex, p, t in zip(batch, prompts, texts)]
+    return rows, n * ec.gen_length
   else:
     images = np.stack(_pad([_image_array(ex, lo) for ex in batch], ec.batch_size))
     out = lo.model.answer(images, _pad(prompts, ec.batch_size), image_tokenizer=lo.image_tokenizer,
@@ -262,6 +270,27 @@ def markdown(result: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def _run_t2i(ec: EvalConfig, workdir: str, loaded: Loaded | None, t0: float) -> dict[str, Any]:
+  from mmada_jax.eval import t2i
+  if ec.task == "clip_score" and not ec.clip_model:
+    raise ValueError("task clip_score needs config.clip_model (a local Hugging Face CLIP directory)")
+  t2i.read_prompts(ec.data, ec.limit)                           # bad data fails before loading
+  _finished(workdir, ec, [])
+  lo = loaded or load(ec)
+  t_run = time.perf_counter()
+  rows, metrics, stderr, made = t2i.run_t2i(ec, workdir, lo)
+  elapsed = time.perf_counter() - t_run
+  _write_atomic(os.path.join(workdir, "samples.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+  n_tok = made * lo.model.generation_config.num_vq_tokens
+  result = dict(task=ec.task, metrics=metrics, stderr=stderr, n=len(rows), images=sum(len(r["images"]) for r in rows),
+                settings=_settings(ec),
+                model=dict(path=os.path.abspath(ec.model) if ec.model else "", params_hash=params_hash(lo.model.params)),
+                wall_s=time.perf_counter() - t0, tokens_per_s=(n_tok / elapsed if n_tok and elapsed > 0 else 0.0),
+                resumed=len(rows) - made // ec.n_samples)
+  _write_atomic(os.path.join(workdir, "results.json"), json.dumps(result, indent=1) + "\n")
+  return result
+
+
 def run(eval_cfg: Any, workdir: str, *, loaded: Loaded | None = None,
         on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
   """Runs the evaluation ``eval_cfg`` (a ConfigDict, mapping or :class:`EvalConfig`) into
@@ -269,6 +298,8 @@ def run(eval_cfg: Any, workdir: str, *, loaded: Loaded | None = None,
   already loaded model/tokenizers; ``on_batch(i)``: called after batch i is written (tests)."""
   ec = parse(EvalConfig, eval_cfg, "config")
   t0 = time.perf_counter()
+  if KINDS[ec.task] == "t2i":
+    return _run_t2i(ec, workdir, loaded, t0)
   examples = data.read_examples(FORMAT[ec.task], ec.data, ec.limit)
   if not examples:
     raise data.DataError(f"{ec.data}: no examples")
