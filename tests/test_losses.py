@@ -264,3 +264,107 @@ def test_hard_bias_changes_only_t2i_rows(losses_case, tiny_model):
   assert np.isfinite(np.asarray(hard)).all()
   np.testing.assert_allclose(hard[2:], soft[2:], rtol=1e-5, atol=1e-5)  # +1 everywhere = no bias
   assert not np.allclose(hard[:2, -17:], soft[:2, -17:], atol=1e-3)
+
+
+# fused LM head + cross-entropy ---------------------------------------------------------------
+
+def _fused_case(b=4, length=13, d=16, v=96):
+  k = jax.random.split(jax.random.key(5), 4)
+  h = jax.random.normal(k[0], (b, length, d), jnp.float32)
+  w = jax.random.normal(k[1], (d, v), jnp.float32) / 4.0
+  lab = jax.random.randint(k[2], (b, length), 0, v).at[0, 3].set(IGNORE_ID).at[1, :5].set(IGNORE_ID)
+  g = jax.random.uniform(k[3], (b, length), jnp.float32, 0.0, 3.0)   # arbitrary per-position weights
+  return h, w, lab, g
+
+
+def _full_ce(h, w, lab, lo=0, hi=None):
+  logits = jnp.einsum("bld,dv->blv", h, w[:, lo:hi], preferred_element_type=jnp.float32)
+  return token_cross_entropy(logits, jnp.where(lab == IGNORE_ID, IGNORE_ID, lab - lo))
+
+
+def _loss_and_grads(ce_fn, h, w, g):
+  return jax.jit(jax.value_and_grad(lambda h, w: jnp.sum(g * ce_fn(h, w)), argnums=(0, 1)))(h, w)
+
+
+@pytest.mark.parametrize("chunk,lo,hi", [(4, 0, None), (13, 0, None), (5, 32, 96), (64, 40, 80)])
+def test_fused_cross_entropy_equals_full_logits(chunk, lo, hi):
+  from mmada_jax.model.lm_head import fused_cross_entropy, unrolled_chunks
+  h, w, lab, g = _fused_case()
+  if lo:   # a vocabulary slice: targets inside it (token ids), as UniGRPO's t2i codebook
+    lab = jnp.where(lab == IGNORE_ID, IGNORE_ID, lo + lab % ((hi or w.shape[1]) - lo))
+  fused = lambda h, w: fused_cross_entropy(h, w, lab, chunk=chunk, vocab_start=lo, vocab_end=hi)
+  np.testing.assert_allclose(fused(h, w), _full_ce(h, w, lab, lo, hi), rtol=1e-5, atol=1e-6)
+  (l_ref, g_ref), (l_got, g_got) = (_loss_and_grads(lambda h, w: _full_ce(h, w, lab, lo, hi), h, w, g),
+                                    _loss_and_grads(fused, h, w, g))
+  np.testing.assert_allclose(l_got, l_ref, rtol=1e-5)
+  for a, r in zip(g_got, g_ref):
+    np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-6)
+  assert not np.any(np.asarray(g_got[0])[0, 3]) and not np.any(np.asarray(g_got[0])[1, :5])  # ignored rows
+  assert fused(h, w)[1, :5].tolist() == [0.0] * 5
+  with unrolled_chunks():   # the AOT cost twins' trace: same values
+    np.testing.assert_allclose(_loss_and_grads(fused, h, w, g)[1][1], g_got[1], rtol=1e-6, atol=1e-7)
+
+
+def test_fused_cross_entropy_bf16_compute_and_out_of_range():
+  from mmada_jax.model.lm_head import fused_cross_entropy
+  h, w, lab, g = _fused_case()
+  ref = _full_ce(h.astype(jnp.bfloat16), w.astype(jnp.bfloat16), lab)
+  got = fused_cross_entropy(h, w, lab, chunk=4, dtype="bfloat16")
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+  dw = jax.grad(lambda w: jnp.sum(g * fused_cross_entropy(h, w, lab, chunk=4, dtype="bfloat16")))(w)
+  dw_ref = jax.grad(lambda w: jnp.sum(g * _full_ce(h, w, lab)))(w)
+  assert dw.dtype == jnp.float32
+  np.testing.assert_allclose(dw, dw_ref, rtol=0.05, atol=0.05 * float(jnp.max(jnp.abs(dw_ref))))
+  bad = fused_cross_entropy(h, w, lab.at[2, 0].set(5), chunk=4, vocab_start=10)
+  assert np.isnan(float(bad[2, 0]))
+
+
+def test_fused_cross_entropy_sharded_fsdp_tensor():
+  """8 simulated devices, fsdp=4 × tensor=2: value and gradients equal the unsharded full logits."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from mmada_jax.model.lm_head import fused_cross_entropy
+  from mmada_jax.sharding import make_mesh
+  h, w, lab, g = _fused_case(b=8, length=12)
+  (l_ref, g_ref) = _loss_and_grads(lambda h, w: _full_ce(h, w, lab), h, w, g)
+  mesh = make_mesh("fsdp=4,tensor=2")
+  with jax.set_mesh(mesh):
+    hs = jax.device_put(h, NamedSharding(mesh, P("fsdp", None, None)))
+    ws = jax.device_put(w, NamedSharding(mesh, P("fsdp", "tensor")))
+    l_sh, g_sh = _loss_and_grads(lambda h, w: fused_cross_entropy(h, w, lab, chunk=5), hs, ws, g)
+  np.testing.assert_allclose(l_sh, l_ref, rtol=1e-5)
+  for a, r in zip(g_sh, g_ref):
+    np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-6)
+
+
+def _shapes_in(jaxpr) -> list[tuple[tuple[int, ...], str]]:
+  """(shape, dtype) of every variable of ``jaxpr`` and of its sub-jaxprs (scan bodies, …)."""
+  out = []
+  for eqn in jaxpr.eqns:
+    for v in (*eqn.invars, *eqn.outvars):
+      aval = getattr(v, "aval", None)
+      if hasattr(aval, "shape"):
+        out.append((tuple(aval.shape), str(aval.dtype)))
+    for p in eqn.params.values():
+      for item in (p if isinstance(p, (tuple, list)) else (p,)):
+        inner = getattr(item, "jaxpr", item)
+        if hasattr(inner, "eqns"):
+          out.extend(_shapes_in(inner))
+  return out
+
+
+def _has_token_by_vocab_f32(fn, *args, tokens: int, vocab: int) -> bool:
+  """Whether the jaxpr of ``fn(*args)`` holds a float32 array of >= ``tokens`` rows × ``vocab``."""
+  shapes = _shapes_in(jax.make_jaxpr(fn)(*args).jaxpr)
+  return any(dt == "float32" and len(s) >= 2 and s[-1] == vocab and math.prod(s[:-1]) >= tokens
+             for s, dt in shapes)
+
+
+def test_fused_cross_entropy_never_holds_token_by_vocab_logits():
+  from mmada_jax.model.lm_head import fused_cross_entropy
+  h, w, lab, g = _fused_case(b=2, length=40, v=96)
+  grad = lambda ce_fn: jax.value_and_grad(lambda h, w: jnp.sum(g * ce_fn(h, w)), argnums=(0, 1))
+  full = grad(lambda h, w: _full_ce(h, w, lab))
+  fused = grad(lambda h, w: fused_cross_entropy(h, w, lab, chunk=8))
+  assert _has_token_by_vocab_f32(full, h, w, tokens=2 * 40, vocab=96)        # the check can fail
+  assert not _has_token_by_vocab_f32(fused, h, w, tokens=2 * 40, vocab=96)
+  assert _has_token_by_vocab_f32(fused, h, w, tokens=2 * 8, vocab=96)        # one chunk's logits

@@ -232,3 +232,60 @@ def test_deprecated_sampler_aliases_warn_and_match(model, cases):
   with pytest.warns(DeprecationWarning, match="timesteps= is deprecated"):
     old = generate_image_tokens(params, cfg, cases[f"{inp}/input_ids"], timesteps=3, key=jax.random.key(4), **t2i)
   np.testing.assert_array_equal(np.asarray(old.codes), np.asarray(new.codes))
+
+
+def _full_logits_reference(params, cfg, prompt, *, gen_length, block_length, steps, temperature=0.0,
+                           guidance_scale=0.0, remasking="low_confidence", key=None):
+  """The plain sampler as the original runs it: the LM head over every position at every step."""
+  from mmada_jax.sampling.text import (chosen_probability, initial_sequence, sample_tokens, select_top,
+                                       step_key, transfer_count)
+  fwd = jax.jit(lambda x: transformer.forward(params, cfg, x))
+  x = initial_sequence(prompt, gen_length, MASK)
+  b, total = x.shape
+  p_len, nb = prompt.shape[1], gen_length // block_length
+  s, prompt_index, pos = steps // nb, x != MASK, jnp.arange(total)[None]
+  for blk in range(nb):
+    start, end = p_len + blk * block_length, p_len + (blk + 1) * block_length
+    masked_in_block = jnp.sum((x == MASK) & (pos >= start) & (pos < end), axis=1).astype(jnp.int32)
+    for i in range(s):
+      if guidance_scale > 0:
+        cond, un = jnp.split(fwd(jnp.concatenate([x, jnp.where(prompt_index, MASK, x)])), 2)
+        logits = un + (guidance_scale + 1.0) * (cond - un)
+      else:
+        logits = fwd(x)
+      kg, ku = step_key(key, jnp.int32(blk), jnp.int32(i))
+      gumbel = jax.random.gumbel(kg, logits.shape, jnp.float32) if temperature > 0 else None
+      x0 = sample_tokens(logits, temperature, gumbel)
+      p = (chosen_probability(logits, x0) if remasking == "low_confidence"
+           else jax.random.uniform(ku, (b, total), jnp.float32))
+      mask_index = x == MASK
+      conf = jnp.where(mask_index, jnp.where(pos >= end, -jnp.inf, p), -jnp.inf)
+      transfer = select_top(conf, transfer_count(masked_in_block, s, jnp.int32(i)), -(-block_length // s))
+      x = jnp.where(transfer, jnp.where(mask_index, x0, x), x)
+  return np.asarray(x)
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0.8), dict(remasking="random"),
+                                dict(guidance_scale=1.5, temperature=0.5), dict(mask_prompt=True)])
+def test_block_only_head_equals_full_logits(model, cases, kw):
+  """The LM head projected at the block only (or everywhere when a MASK precedes the block) gives
+  the tokens of the full-logits algorithm, noise included; the cached sampler's 'none' mode too."""
+  params, cfg = model
+  kw = dict(kw)
+  prompt = np.asarray(cases["text_gen/in/prompt"]).copy()
+  if kw.pop("mask_prompt", False):
+    prompt[:, 2] = MASK   # eligible on every step: the full projection branch
+  key = jax.random.key(11)
+  common = dict(gen_length=8, block_length=4, steps=4, **kw)
+  ref = _full_logits_reference(params, cfg, prompt, key=key, **common)
+  got = generate_text(params, cfg, prompt, seed=key, **common).tokens
+  np.testing.assert_array_equal(np.asarray(got), ref)
+  cached = generate_text_cached(params, cfg, prompt, seed=key, cache="none", **common).tokens
+  np.testing.assert_array_equal(np.asarray(cached), ref)
+  if kw == dict(temperature=0.8):   # a replayed Gumbel tape [steps, B, P+G, V] is sliced to the block
+    from mmada_jax.sampling.text import step_key
+    shape = (prompt.shape[0], prompt.shape[1] + 8, cfg.vocab_size)
+    tape = jnp.stack([jax.random.gumbel(step_key(key, jnp.int32(k // 2), jnp.int32(k % 2))[0], shape)
+                      for k in range(4)])
+    taped = _generate_text(params, cfg, prompt, gumbel_tape=tape, **common).tokens
+    np.testing.assert_array_equal(np.asarray(taped), ref)

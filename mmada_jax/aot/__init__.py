@@ -30,8 +30,9 @@ the layer scan, the gradient-accumulation scan (A micro-batches) and, on TPU, th
 einsum" loops into which SPMD turns FSDP all-gather/reduce-scatter matmuls (one per sharded
 matmul, body = one shard). The real step's counts are therefore far too small. The estimate is
 instead built from cost twins: the same step with 1 and 2 unrolled layers, compiled with
-windowed einsums off (``xla_jf_spmd_threshold_for_windowed_einsum_mib``), so every op is
-counted, and the optimizer update alone (C_opt):
+windowed einsums off (``xla_jf_spmd_threshold_for_windowed_einsum_mib``) and the fused LM-head
+loss's chunk loops (``stage.logits_chunk``) traced unrolled (``model.lm_head.unrolled_chunks``), so
+every op is counted, and the optimizer update alone (C_opt):
 
   total = C_opt + A · [(C_1 − C_opt) + (n_layers − 1) · (C_2 − C_1)]
 

@@ -11,6 +11,7 @@ from ml_collections import ConfigDict
 
 from mmada_jax.aot.programs import COST_KEYS, StepShapes, compile_optimizer, compile_step, sharding_context
 from mmada_jax.aot.topology import GIB, Topology
+from mmada_jax.model import lm_head
 from mmada_jax.model.config import MMaDAConfig
 from mmada_jax.sharding import MESH_AXES, make_mesh
 from mmada_jax.train import metrics as metrics_lib
@@ -18,7 +19,8 @@ from mmada_jax.train.config import model_config
 
 
 COST_TWIN_OPTIONS = {"xla_jf_spmd_threshold_for_windowed_einsum_mib": "1000000000"}
-"""Compile options of the cost twins: no windowed-einsum loops (their bodies would be counted once)."""
+"""Compile options of the cost twins: no windowed-einsum loops (their bodies would be counted once).
+The twins are also traced with the LM-head chunk loop unrolled (``lm_head.unrolled_chunks``)."""
 
 
 def scaled_cost(one: dict[str, float], two: dict[str, float], opt: dict[str, float], grad_accum: int,
@@ -88,8 +90,9 @@ def estimate(config: ConfigDict, topo: Topology, *, devices: list[Any] | None = 
     twin_cfg = ConfigDict(config.to_dict())
     twin_cfg.model.n_layers, twin_cfg.model.scan_layers = n, False
     say(f"  compiling the {n}-layer unrolled cost twin")
-    tw = compile_step(twin_cfg, model_config(twin_cfg.model), mesh, grpo_prompt_len=grpo_prompt_len,
-                      compiler_options=cost_opts)
+    with lm_head.unrolled_chunks():   # the LM-head chunk loop too: every chunk counted
+      tw = compile_step(twin_cfg, model_config(twin_cfg.model), mesh, grpo_prompt_len=grpo_prompt_len,
+                        compiler_options=cost_opts)
     if tw.compiled.cost is None:
       raise RuntimeError(f"the {n}-layer cost twin did not compile: {tw.compiled.error}")
     costs.append(tw.compiled.cost)
@@ -120,7 +123,8 @@ def direct_cost(config: ConfigDict, topo: Topology, devices: list[Any], compiler
   the reference the twin estimate is checked against."""
   mesh = make_mesh(str(config.mesh_shape), devices)
   opts = {**COST_TWIN_OPTIONS, **dict(compiler_options or {})}
-  prog = compile_step(config, model_config(config.model), mesh, compiler_options=opts, **kw)
+  with lm_head.unrolled_chunks():
+    prog = compile_step(config, model_config(config.model), mesh, compiler_options=opts, **kw)
   opt = compile_optimizer(prog, mesh, opts).cost
   a = prog.shapes.grad_accum
   return {k: opt[k] + a * (prog.compiled.cost[k] - opt[k]) for k in COST_KEYS}

@@ -23,6 +23,8 @@ Beyond the original (which recomputes the whole sequence at every step), in one 
 * ``stop_token_id``: stop after a block whose last token is this id in every row (the original's
   ``mmu_generate_fast`` early exit); the blocks after it stay MASK.
 
+The LM head is projected only at the positions a step can commit: the block (the window steps'
+block, and on full steps too unless a MASK lies before the block, as in ``generate_text``).
 With ``cache='none'`` and ``threshold=None`` the result (and trajectory) equals ``generate_text``
 for the same seed. Noise: step key = fold_in(fold_in(key, block), step), as the plain sampler.
 """
@@ -37,9 +39,9 @@ import numpy as np
 
 from mmada_jax.model import MMaDAConfig, transformer
 from mmada_jax.sampling.arguments import prng_key, renamed_kwargs
-from mmada_jax.sampling.text import (NEG_INF, check_text_args, chosen_probability, full_attention_mask,
-                                     initial_sequence, sample_tokens, select_top, step_key,
-                                     transfer_count)
+from mmada_jax.sampling.text import (NEG_INF, block_logits, check_text_args, chosen_probability,
+                                     full_attention_mask, initial_sequence, masked_before, sample_tokens,
+                                     select_top, step_key, transfer_count)
 
 CACHE_MODES = ("none", "prefix", "dual")
 MIN_TRANSFER = ("best", "schedule")
@@ -114,13 +116,19 @@ def _cached_core(params, x, attention_mask, cfg_mult, temperature, threshold, st
     cond, un = jnp.split(lg, 2, axis=0)
     return un + cfg_mult * (cond - un)
 
-  def full_logits(x, want_kv):
+  def full_step(x, want_kv, start, end, blk, i, masked_in_block):
+    """One full-sequence step: (x after it, model input, K/V or None). The LM head is projected
+    at the block only, unless a MASK lies before it (then everywhere, as the plain sampler)."""
     inp = model_rows(x)
-    if want_kv:
-      hidden, kv = transformer.forward(params, cfg, inp, attention_mask=fwd_mask, return_kv=True,
-                                       return_hidden=True)
-      return guide(transformer.project_logits(params, cfg, hidden)), inp, kv
-    return guide(transformer.forward(params, cfg, inp, attention_mask=fwd_mask)), inp, None
+    out = transformer.forward(params, cfg, inp, attention_mask=fwd_mask, return_kv=want_kv, return_hidden=True)
+    hidden, kv = out if want_kv else (out, None)
+    x = jax.lax.cond(
+        masked_before(x, start, mask_id),
+        lambda: commit(x, guide(transformer.project_logits(params, cfg, hidden)), start, end, blk, i,
+                       masked_in_block, False),
+        lambda: commit(x, guide(block_logits(params, cfg, hidden, start, kb)), start, end, blk, i,
+                       masked_in_block, True, full_noise=True))
+    return x, inp, kv
 
   def window_step_logits(x, kv, start):
     inp = model_rows(x)
@@ -128,10 +136,16 @@ def _cached_core(params, x, attention_mask, cfg_mult, temperature, threshold, st
                        dual=cache == "dual")
     return guide(lg), inp
 
-  def commit(x, logits, start, end, blk, i, masked_in_block, on_window):
-    """Samples, scores and commits one step; logits cover [0, L) or, on_window, [start, end)."""
+  def commit(x, logits, start, end, blk, i, masked_in_block, on_window, full_noise=False):
+    """Samples, scores and commits one step; logits cover [0, L) or, on_window, [start, end).
+    ``full_noise``: the Gumbel noise of the whole sequence (a full step's), sliced to the block."""
     kg, ku = step_key(key, blk, i) if key is not None else (None, None)
-    gumbel = jax.random.gumbel(kg, logits.shape, jnp.float32) if sample else None
+    gumbel = None
+    if sample and full_noise:
+      gumbel = jax.random.gumbel(kg, (b, total, logits.shape[2]), jnp.float32)
+      gumbel = jax.lax.dynamic_slice(gumbel, (0, start, 0), logits.shape)
+    elif sample:
+      gumbel = jax.random.gumbel(kg, logits.shape, jnp.float32)
     x0 = sample_tokens(logits, temperature, gumbel)
     if remasking == "low_confidence":
       p = chosen_probability(logits, x0)
@@ -164,8 +178,7 @@ def _cached_core(params, x, attention_mask, cfg_mult, temperature, threshold, st
     in_block = (pos >= start) & (pos < end)
     masked_in_block = jnp.sum((x == mask_id) & in_block, axis=1).astype(jnp.int32)
 
-    logits, inp, kv = full_logits(x, cache != "none")
-    x = commit(x, logits, start, end, blk, 0, masked_in_block, False)
+    x, inp, kv = full_step(x, cache != "none", start, end, blk, 0, masked_in_block)
     traj, n_fwd = record_step(traj, n_fwd, inp)
 
     def step_cond(c):
@@ -175,8 +188,7 @@ def _cached_core(params, x, attention_mask, cfg_mult, temperature, threshold, st
     def step_body(c):
       i, x, traj, n_fwd = c
       if cache == "none":
-        logits, inp, _ = full_logits(x, False)
-        x = commit(x, logits, start, end, blk, i, masked_in_block, False)
+        x, inp, _ = full_step(x, False, start, end, blk, i, masked_in_block)
       else:
         logits, inp = window_step_logits(x, kv, start)
         x = commit(x, logits, start, end, blk, i, masked_in_block, True)

@@ -1,10 +1,14 @@
 """Semi-autoregressive masked-diffusion text sampler (LLaDA ``generate`` / MMaDA ``mmu_generate``).
 
 One compiled program: ``lax.fori_loop`` over blocks, and inside it over the steps of a block.
-Each step recomputes the whole sequence (as the original), predicts every masked token, and
+Each step recomputes the whole sequence (as the original), predicts the masked tokens, and
 commits the ``n_i`` most confident masked tokens at or before the end of the current block,
 ``n_i = floor(m/s) + [i < m mod s]`` with ``m`` the row's masked count in the block at block start
 and ``s`` the steps per block. MMU uses the same sampler on the MMU prompt.
+
+The LM head is projected only at the current block's positions unless a MASK lies before the
+block (then at every position, :func:`masked_before`): only those positions can be committed, so
+the tokens are the same. Noise is drawn for the whole sequence and sliced, as before.
 
 Deviations from the original (all invisible at temperature 0 on the reference fixtures):
   * Gumbel-max sampling runs in float32 as ``argmax(logits + tau * g)``, g ~ Gumbel(0, 1); the
@@ -80,22 +84,46 @@ def step_key(key: jax.Array, block: jax.Array, step: jax.Array) -> tuple[jax.Arr
   return kg, ku
 
 
-def guided_logits(params: Any, cfg: MMaDAConfig, x: jax.Array, attention_mask: jax.Array | None,
-                  prompt_index: jax.Array, cfg_mult: jax.Array, use_cfg: bool, mask_id: int
-                  ) -> tuple[jax.Array, jax.Array]:
-  """(logits f32 [B, L, V], model input int32 [B or 2B, L]) for one full-sequence step.
+def model_hidden(params: Any, cfg: MMaDAConfig, x: jax.Array, attention_mask: jax.Array | None,
+                 prompt_index: jax.Array, use_cfg: bool, mask_id: int) -> tuple[jax.Array, jax.Array]:
+  """(final-norm hidden states [B or 2B, L, d], model input int32 [B or 2B, L]) of one
+  full-sequence step.
 
   With CFG the unconditional rows are ``x`` with the prompt positions set to MASK, run in the
-  same batch without any attention mask (as the original), and
-  ``logits = un + cfg_mult * (cond - un)`` with ``cfg_mult = w + 1`` (w = ``guidance_scale``).
+  same batch without any attention mask (as the original); :func:`guide` combines the two halves.
   """
   if use_cfg:
-    un_x = jnp.where(prompt_index, mask_id, x)
-    inp = jnp.concatenate([x, un_x], axis=0)
-    out = transformer.forward(params, cfg, inp)
-    cond, un = jnp.split(out, 2, axis=0)
-    return un + cfg_mult * (cond - un), inp
-  return transformer.forward(params, cfg, x, attention_mask=attention_mask), x
+    inp = jnp.concatenate([x, jnp.where(prompt_index, mask_id, x)], axis=0)
+    return transformer.forward(params, cfg, inp, return_hidden=True), inp
+  return transformer.forward(params, cfg, x, attention_mask=attention_mask, return_hidden=True), x
+
+
+def guide(logits: jax.Array, cfg_mult: jax.Array, use_cfg: bool) -> jax.Array:
+  """CFG on logits [2B, ..., V] (conditional rows first): ``un + cfg_mult * (cond - un)`` with
+  ``cfg_mult = w + 1`` (w = ``guidance_scale``); logits unchanged without CFG."""
+  if not use_cfg:
+    return logits
+  cond, un = jnp.split(logits, 2, axis=0)
+  return un + cfg_mult * (cond - un)
+
+
+def masked_before(x: jax.Array, start: jax.Array, mask_id: int) -> jax.Array:
+  """bool []: some row of ``x`` [B, L] has a MASK before position ``start``.
+
+  Such a MASK (one in the prompt, or one left by an earlier block) is eligible to be committed
+  (as in the original), so that step needs the logits of every position up to the block's end;
+  otherwise only the block's own positions can be committed and their logits suffice.
+  """
+  return jnp.any((x == mask_id) & (jnp.arange(x.shape[1])[None, :] < start))
+
+
+def block_logits(params: Any, cfg: MMaDAConfig, hidden: jax.Array, start: jax.Array,
+                 block_length: int) -> jax.Array:
+  """float32 logits [R, block_length, V] of positions [start, start + block_length) of
+  ``hidden`` [R, L, d]: the LM head projected at the block only."""
+  rows, _, d = hidden.shape
+  h = jax.lax.dynamic_slice(hidden, (0, start, 0), (rows, block_length, d))
+  return transformer.project_logits(params, cfg, h)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,21 +200,40 @@ def _generate_core(params, x, attention_mask, cfg_mult, temperature, key, rand_t
     in_block = (pos >= start) & (pos < end)
     masked_in_block = jnp.sum((x == mask_id) & in_block, axis=1).astype(jnp.int32)
 
-    def step_body(i, carry):
-      x, traj = carry
-      k = blk * s + i
-      mask_index = x == mask_id
-      logits, inp = guided_logits(params, cfg, x, attention_mask, prompt_index, cfg_mult, use_cfg, mask_id)
-      if key is not None:
-        kg, ku = step_key(key, blk, i)
-      gumbel = None
-      if sample:
-        gumbel = gumbel_tape[k] if gumbel_tape is not None else jax.random.gumbel(kg, logits.shape, jnp.float32)
+    def commit(x, logits, gumbel, rand, lo):
+      """x after one step from logits [B, W, V] of positions [lo, lo + W) (W = L or block)."""
+      w = logits.shape[1]
+      if gumbel is not None and w != total:
+        gumbel = jax.lax.dynamic_slice(gumbel, (0, lo, 0), (b, w, gumbel.shape[2]))
       x0 = sample_tokens(logits, temperature, gumbel)
       if remasking == "low_confidence":
         p = chosen_probability(logits, x0)
       else:
-        p = rand_tape[k] if rand_tape is not None else jax.random.uniform(ku, (b, total), jnp.float32)
+        p = rand if w == total else jax.lax.dynamic_slice(rand, (0, lo), (b, w))
+      if w != total:
+        x0 = jax.lax.dynamic_update_slice(x, x0, (0, lo))
+        p = jax.lax.dynamic_update_slice(jnp.full((b, total), NEG_INF, jnp.float32), p, (0, lo))
+      return x0, p
+
+    def step_body(i, carry):
+      x, traj = carry
+      k = blk * s + i
+      mask_index = x == mask_id
+      hidden, inp = model_hidden(params, cfg, x, attention_mask, prompt_index, use_cfg, mask_id)
+      if key is not None:
+        kg, ku = step_key(key, blk, i)
+      gumbel = rand = None
+      if sample:   # the full sequence's noise, sliced to the block where only it is projected
+        gumbel = gumbel_tape[k] if gumbel_tape is not None else jax.random.gumbel(kg, (b, total, cfg.vocab_size),
+                                                                                  jnp.float32)
+      if remasking == "random":
+        rand = rand_tape[k] if rand_tape is not None else jax.random.uniform(ku, (b, total), jnp.float32)
+      x0, p = jax.lax.cond(
+          masked_before(x, start, mask_id),
+          lambda: commit(x, guide(transformer.project_logits(params, cfg, hidden), cfg_mult, use_cfg),
+                         gumbel, rand, 0),
+          lambda: commit(x, guide(block_logits(params, cfg, hidden, start, block_length), cfg_mult, use_cfg),
+                         gumbel, rand, start))
       p = jnp.where(pos >= end, NEG_INF, p)
       x0 = jnp.where(mask_index, x0, x)
       conf = jnp.where(mask_index, p, NEG_INF)

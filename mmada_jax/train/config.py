@@ -48,7 +48,8 @@ class StageConfig:
   original's 'original_additive' float bias (QUIRK). ``mask_schedule`` / ``min_masking_rate``:
   image noising. ``text_eps``: ε of p = (1-ε)t + ε. ``min_answer_length_lm``: clamp of ans_len
   (stage 2.2: 1; 0 = off). ``logits_chunk``: > 0 applies the LM head + cross-entropy to this
-  many positions at a time (same loss, no full [B, L, V] float32 logits); 0 = full logits.
+  many positions at a time (the fused ``model.lm_head`` loss: same loss, neither forward nor
+  backward holds [B, L, V] float32 logits); 0 = full logits.
   """
   name: str = "pretrain"
   coeff_t2i: float = 1.0
