@@ -16,6 +16,7 @@ from test_eval_clip import write_clip
 BITS = 6
 
 
+@pytest.mark.slow  # fast tier < 4 min; CI's slow tier runs it
 def test_clip_score_task_layout_and_resume(tmp_path):
   tok = train_tiny_tokenizer(["a red cat on the mat", "a blue dog"] * 20, vocab_size=300)
   tok.save(str(tmp_path / "tok"))

@@ -137,6 +137,7 @@ def test_deprecated_aliases_warn_and_match(setup):
   np.testing.assert_array_equal(old.codes, new.codes)
 
 
+@pytest.mark.slow  # fast tier < 4 min; CI's slow tier runs it
 def test_mesh_argument(setup):
   from mmada_jax.sharding import make_mesh
   model, tok, itok = setup

@@ -366,6 +366,7 @@ def test_level_attention_numerics_and_roundtrip(attn_tok, tmp_path):
   np.testing.assert_array_equal(np.asarray(again.encode(x)), codes)
 
 
+@pytest.mark.slow  # fast tier < 4 min; CI's slow tier runs it
 def test_training_gradients_finite(attn_tok):
   x = jax.random.uniform(jax.random.PRNGKey(6), (2, 16, 16, 3), minval=-1, maxval=1)
 

@@ -209,6 +209,7 @@ def test_invalid_settings_raise(model, cases):
     generate_text(params, cfg, prompt, gen_length=8, block_length=4, steps=4, guidance_scale=1.0, cfg_scale=1.0)
 
 
+@pytest.mark.slow  # fast tier < 4 min; CI's slow tier runs it
 def test_deprecated_sampler_aliases_warn_and_match(model, cases):
   """cfg_scale= / key= (text samplers) and timesteps= / key= (t2i) still work for one release."""
   params, cfg = model

@@ -130,6 +130,7 @@ def test_sigkill_then_rerun_is_bit_identical(cache, reference, tmp_path):
   _assert_identical(_metrics(wd), _metrics(reference))
 
 
+@pytest.mark.slow  # fast tier < 4 min; CI's slow tier runs it
 def test_sigterm_saves_exits_cleanly_and_resumes_exactly(cache, reference, tmp_path):
   wd = tmp_path / "preempted"
   log = open(tmp_path / "log.txt", "w")
@@ -149,6 +150,7 @@ def test_sigterm_saves_exits_cleanly_and_resumes_exactly(cache, reference, tmp_p
   _assert_identical(_metrics(wd), _metrics(reference))
 
 
+@pytest.mark.slow  # fast tier < 4 min; CI's slow tier runs it
 def test_restore_onto_another_mesh(cache, reference, tmp_path):
   cfg = tiny.get_config("pretrain")
   mcfg = model_config(cfg.model)
@@ -180,6 +182,7 @@ def test_restore_onto_another_mesh(cache, reference, tmp_path):
   assert sorted(m)[-2:] == [25, 26] and all(np.isfinite(m[s]["loss"]) for s in (25, 26))
 
 
+@pytest.mark.slow  # fast tier < 4 min; CI's slow tier runs it
 def test_nonfinite_loss_stops_with_last_good_checkpoint(cache, tmp_path):
   wd = tmp_path / "nan"
   r = _run(cache, wd, "--config.steps=12", "--config.checkpoint_every=1", "--config.optimizer.lr=1e30",
@@ -319,6 +322,7 @@ def test_micro_batches_interleave_rows():
     to_global({"ids": np.zeros((4, 3))}, ctx, micro=2)
 
 
+@pytest.mark.slow  # fast tier < 4 min; CI's slow tier runs it
 def test_mixed_noising_semantics():
   cfg = tiny.get_config("pretrain")
   it = make_toy_iterator(cfg.data, cfg.toy, 0, 1, 0)
@@ -361,6 +365,7 @@ def test_mixed_noising_semantics():
   assert out["hard"]["loss_t2i"] != out["original_additive"]["loss_t2i"]
 
 
+@pytest.mark.slow  # fast tier < 4 min; CI's slow tier runs it
 def test_chunked_lm_head_loss_equals_full_logits():
   """stage.logits_chunk > 0 (LM head + CE per chunk of positions) gives the trainer's loss and
   gradient, on one device and sharded over fsdp=4 × tensor=2."""
@@ -438,6 +443,7 @@ def test_checkpoint_falls_back_past_an_incomplete_step(tmp_path, caplog, damage)
   np.testing.assert_array_equal(np.asarray(restored.params["wte"]), np.asarray(state.params["wte"]))
 
 
+@pytest.mark.slow  # fast tier < 4 min; CI's slow tier runs it
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")   # TensorStore's failed reads
 def test_checkpoint_that_is_complete_but_unreadable_raises_naming_the_step(tmp_path, caplog):
   """Corrupt array bytes, a shape mismatch, a wrong step inside: an error naming step 8 and the
@@ -599,6 +605,7 @@ def test_8b_stage_configs():
   assert c1.data.t2i.batch_size == c.data.t2i.batch_size // 8
 
 
+@pytest.mark.slow  # fast tier < 4 min; CI's slow tier runs it
 def test_stage_hooks_pre_step_and_frozen_params(tmp_path):
   """A stage defined outside the trainer (as UniGRPO will be) plugs in through the registry: its
   host-side pre_step runs before every step with the live state, and its frozen params (a
