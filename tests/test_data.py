@@ -12,7 +12,7 @@ from PIL import Image
 from mmada_jax.data import synthetic as syn
 from mmada_jax.data.config import default_data_config
 from mmada_jax.data.images import preprocess_image
-from mmada_jax.data.pipeline import make_mixed_iterator
+from mmada_jax.data.pipeline import SourceExhausted, make_mixed_iterator
 from mmada_jax.data.sources import JsonlSource, ParquetSource, open_source
 from mmada_jax.prompting.special_tokens import SpecialTokens
 
@@ -211,6 +211,51 @@ def test_chat_formats_and_lm_mixture(data, tok, sp):
   msgs = JsonlSource([data["chat"]])[3]["messages"]
   content = JsonlSource([data["chat_content"]])[3]["content"]
   assert tok.apply_chat_template(msgs, add_generation_prompt=False) == tok.encode(content, add_special_tokens=False)
+
+
+def test_source_row_counters_follow_weights_and_resume(data, tok):
+  c = _cfg(data, mmu=0, lm=4)
+  c.lm.sources = [{"path": data["chat"], "kind": "lm_chat", "weight": 1.0},
+                  {"path": data["lm_pq"], "kind": "lm", "weight": 2.0, "name": "web"}]
+  it = make_mixed_iterator(c, tok, process_index=0, process_count=1, emit_index=True)
+  assert it.metrics() == {"data/t2i/t2i": 0, "data/lm/chat": 0, "data/lm/web": 0}
+  steps = _take(it, 6)
+  assert all("_source" not in s[f] for s in steps for f in s)
+  by_source = np.bincount([s["lm"]["source_index"][0] for s in steps], minlength=2)
+  assert by_source.tolist() == [2, 4]  # the 1 : 2 weights
+  assert it.metrics() == {"data/t2i/t2i": 24, "data/lm/chat": 8, "data/lm/web": 16}
+  state = json.loads(json.dumps(it.get_state()))
+  ref = _take(it, 6)
+  want = it.metrics()
+  assert want == {"data/t2i/t2i": 48, "data/lm/chat": 16, "data/lm/web": 32}
+  it2 = make_mixed_iterator(c, tok, process_index=0, process_count=1, emit_index=True)
+  it2.set_state(state)
+  assert it2.metrics() == {"data/t2i/t2i": 24, "data/lm/chat": 8, "data/lm/web": 16}
+  assert all(_same(x, y) for x, y in zip(ref, _take(it2, 6))) and it2.metrics() == want
+  two = make_mixed_iterator(c, tok, shard_options=grain.sharding.ShardOptions(0, 2, drop_remainder=True))
+  _take(two, 3)  # 2 rows per host of each flow: the counters are over both hosts
+  assert two.metrics() == {"data/t2i/t2i": 12, "data/lm/chat": 4, "data/lm/web": 8}
+
+
+def test_source_on_exhausted_raise_or_repeat(data, tok):
+  c = _cfg(data, t2i=0, mmu=0, lm=4)
+  c.lm.sources = [{"path": data["chat"], "kind": "lm_chat", "on_exhausted": "raise"}]
+  it = make_mixed_iterator(c, tok, process_index=0, process_count=1)
+  got = _take(it, 7)  # 30 records: 7 full batches, the last 2 rows dropped
+  assert it.metrics() == {"data/lm/chat": 28}
+  with pytest.raises(SourceExhausted, match=r"data\.lm source 'chat' \(data\.lm\.sources\[0\]\.path=.*chat\.jsonl"):
+    next(it)
+  c.lm.sources = [dict(c.lm.sources[0], on_exhausted="repeat")]
+  rep = make_mixed_iterator(c, tok, process_index=0, process_count=1)
+  assert all(_same(x, y) for x, y in zip(got, _take(rep, 7)))  # the same first epoch
+  _take(rep, 8)
+  assert rep.metrics() == {"data/lm/chat": 60}
+  c.lm.sources = [dict(c.lm.sources[0], on_exhausted="stop")]
+  with pytest.raises(ValueError, match="on_exhausted"):
+    make_mixed_iterator(c, tok, process_index=0, process_count=1)
+  c.lm.sources = [{"path": data["lm"]}, {"path": data["lm_pq"]}]  # both named 'lm'
+  with pytest.raises(ValueError, match=r"sources\[1\].*unique name"):
+    make_mixed_iterator(c, tok, process_index=0, process_count=1)
 
 
 def test_mmu_caption_prompt_and_lm_options(data, tok, sp):

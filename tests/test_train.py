@@ -251,6 +251,8 @@ def test_records_source_sft_and_init_from_workdir(cache, tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   m = _metrics(wd)
   assert sorted(m) == list(range(1, 7)) and m[6]["loss"] < m[1]["loss"]
+  for key in ("data/t2i/t2i", "data/lm/chat", "data/mmu/mmu"):  # rows per source so far, every step
+    assert m[1][key] > 0 and all(m[k][key] == k * m[1][key] for k in m), key
   assert (wd / "checkpoints" / "6" / "data" / "process_0-of-1.json").is_file()
   # init_from this workdir: params only, optimizer fresh, step 0.
   wd2 = tmp_path / "sft2"

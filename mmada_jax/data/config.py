@@ -9,6 +9,7 @@ batches per epoch sets the epoch length, shorter flows cycle (reshuffled each cy
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Literal
 
 import ml_collections
@@ -19,17 +20,26 @@ TASKS = ("t2i", "lm", "mmu")
 FORMATS = ("auto", "shards", "tfds", "jsonl", "parquet")
 KINDS = {"t2i": ("t2i",), "lm": ("lm", "lm_chat"), "mmu": ("mmu",)}
 Format = Literal["auto", "shards", "tfds", "jsonl", "parquet"]
+OnExhausted = Literal["repeat", "raise"]
+ON_EXHAUSTED = ("repeat", "raise")
 
 
 @dataclasses.dataclass(frozen=True)
 class SourceConfig:
   """One dataset of a flow's ``sources`` list: ``path``, and ``format`` / ``split`` / ``kind``
-  (None = the flow's own) and ``weight`` (its share of each batch, relative to the others)."""
+  (None = the flow's own) and ``weight`` (its share of the flow's batches, relative to the others;
+  each batch comes from one source). ``name``: the source in the ``data/<task>/<name>`` row
+  counters of the step metrics ("" = the path's base name without extension; unique per flow).
+  ``on_exhausted``: when this host's shard of the source has been read once, ``repeat`` (the next
+  epoch, reshuffled) or ``raise`` (:class:`~mmada_jax.data.pipeline.SourceExhausted` naming the
+  task, source and path; a last partial batch is dropped). A flow's own ``path`` repeats."""
   path: str = ""
   format: Format | None = None
   split: str | None = None
   kind: str | None = None
   weight: float = 1.0
+  name: str = ""
+  on_exhausted: OnExhausted = "repeat"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,17 +155,29 @@ def flow_config(cfg: Any, task: str) -> FlowConfig:
   return parse(FLOW_SECTIONS[task], sec, f"data.{task}")
 
 
+def _default_name(path: str) -> str:
+  """``chat`` for ``/data/chat.jsonl`` or ``/data/chat/``."""
+  return os.path.splitext(os.path.basename(os.path.normpath(path)))[0] if path else ""
+
+
 def task_sources(cfg: Any, task: str) -> list[dict[str, Any]]:
-  """The flow's datasets as dicts ``{path, format, split, kind, weight, key}`` (``key`` names the
-  config entry for error messages). Raises ValueError on an unknown key, format, kind or weight."""
+  """The flow's datasets as dicts ``{path, format, split, kind, weight, name, on_exhausted, key}``
+  (``key`` names the config entry for error messages). Raises ValueError on an unknown key, format,
+  kind, ``on_exhausted``, a weight <= 0 or a repeated name."""
   flow = flow_config(cfg, task)
   entries = list(flow.sources) if flow.sources else [SourceConfig(path=flow.path)]
-  out = []
+  out, names = [], set()
   for i, e in enumerate(entries):
     key = f"data.{task}.sources[{i}].path" if flow.sources else f"data.{task}.path"
     src = {"path": e.path or "", "format": flow.format if e.format is None else e.format,
            "split": flow.split if e.split is None else e.split, "kind": flow.kind if e.kind is None else e.kind,
-           "weight": e.weight, "key": key}
+           "weight": e.weight, "name": e.name or _default_name(e.path or "") or str(i),
+           "on_exhausted": e.on_exhausted, "key": key}
+    if src["on_exhausted"] not in ON_EXHAUSTED:
+      raise ValueError(f"{key[:-5]}.on_exhausted={src['on_exhausted']!r}: expected one of {ON_EXHAUSTED}")
+    if src["name"] in names:
+      raise ValueError(f"{key[:-5]}: the flow already has a source named {src['name']!r}; set a unique name")
+    names.add(src["name"])
     if src["format"] not in FORMATS:
       raise ValueError(f"{key[:-5]}.format={src['format']!r}: expected one of {FORMATS}")
     if src["kind"] not in KINDS[task]:

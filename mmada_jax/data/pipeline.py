@@ -3,10 +3,13 @@
 Per source of a flow (``MapDataset``, so every step is index based and exactly resumable)::
 
   source -> tag record index -> drop the remainder (equal shards) -> shard [i::count]
-         -> shuffle(seed, per epoch) -> repeat -> RowFormatter (tokenise, per-row rng)
-         -> to_iter_dataset (threaded reads) -> batch(B_host, batch_fn=BatchBuilder)
+         -> shuffle(seed, per epoch) -> repeat (on_exhausted "repeat") -> RowFormatter (tokenise,
+         per-row rng) -> to_iter_dataset (threaded reads) -> batch(B_host, batch_fn=BatchBuilder)
+         -> SourceFeed (tags each batch with its source; "raise": SourceExhausted at the end)
 
-Sources of one flow are mixed per batch by weight (``IterDataset.mix``); the flows are zipped
+Sources of one flow are mixed per batch by weight (``IterDataset.mix``: each batch comes from
+one source, in a fixed pattern of the weights, so 2 : 1 weights give 2 of every 3 batches to the
+first source); the flows are zipped
 into one dict per step (``CombinedLoader(mode="max_size_cycle")`` of the original: every step
 draws one t2i, one lm and one mmu batch; shorter flows cycle). With ``worker_count > 0`` the
 zipped pipeline runs in grain worker processes (``mp_prefetch``).
@@ -33,6 +36,11 @@ a JSON-serialisable dict, so both plain JSON and grain's orbax handler work::
                                                         data=grain.checkpoint.CheckpointRestore(it)))
   # ``it`` now continues with the batch after ``step``; one file per process
   # (process_<i>-of-<n>.json, named with jax.process_index()).
+
+Row counters: :meth:`MixedBatchIterator.metrics` gives ``{"data/<task>/<source name>": rows}``,
+the rows each source has fed its flow so far over all hosts; the counts live in the iterator
+state, so they resume exactly with it. The trainer's step loop reads ``metrics()`` of its data
+iterator (where it has one) after every batch and writes the values with that step's metrics.
 """
 from __future__ import annotations
 
@@ -57,6 +65,52 @@ def _is_row(row: Any) -> bool:
   return row is not None
 
 
+class SourceExhausted(RuntimeError):
+  """A source with ``on_exhausted="raise"`` has no full batch left on this host."""
+
+
+SOURCE_KEY = "_source"  # the source index a flow batch carries until MixedBatchIterator counts it
+
+
+class SourceFeed(grain.IterDataset):
+  """One source's batches of a flow, each tagged ``{SOURCE_KEY: index}``; at the end of the
+  parent, :class:`SourceExhausted` (``on_exhausted="raise"``) or StopIteration. Its iterator's
+  state is the parent's, unchanged."""
+
+  def __init__(self, parent: grain.IterDataset, index: int, on_exhausted: str, what: str):
+    super().__init__(parent)
+    self.index, self.on_exhausted, self.what = index, on_exhausted, what
+
+  def __iter__(self) -> "_SourceFeedIterator":
+    return _SourceFeedIterator(self._parent.__iter__(), self.index, self.on_exhausted, self.what)
+
+  def __str__(self) -> str:
+    return f"SourceFeed({self.what}, on_exhausted={self.on_exhausted})"
+
+
+class _SourceFeedIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, index: int, on_exhausted: str, what: str):
+    super().__init__(parent)
+    self.index, self.on_exhausted, self.what = index, on_exhausted, what
+
+  def __next__(self) -> dict[str, Any]:
+    try:
+      batch = next(self._parent)
+    except StopIteration:
+      if self.on_exhausted == "raise":
+        raise SourceExhausted(f"{self.what} is exhausted: every full batch of its records on this host has been "
+                              "used (on_exhausted='raise'; set 'repeat' to start another epoch)") from None
+      raise
+    return {**batch, SOURCE_KEY: self.index}
+
+  def get_state(self) -> dict[str, Any]:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state)
+
+
 def _derive_seed(seed: int, *parts: int) -> int:
   """A 32-bit seed from the base seed and integer parts (SeedSequence mixing)."""
   return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, *parts]).generate_state(1)[0])
@@ -72,6 +126,7 @@ class FlowInfo:
   sources: tuple[str, ...]
   shard_records: tuple[int, ...]
   steps_per_epoch: int
+  source_names: tuple[str, ...] = ()
 
 
 def resolve_shard_options(process_index: int | None = None, process_count: int | None = None,
@@ -121,7 +176,7 @@ def make_flow_dataset(data_cfg: Any, task: str, tokenizer: Any, specials: Specia
   s, n = int(data_cfg.max_text_len), int(data_cfg.num_image_tokens)
   read = grain.ReadOptions(num_threads=int(data_cfg.read_threads),
                            prefetch_buffer_size=int(data_cfg.prefetch_buffer_size))
-  datasets, weights, names, lens = [], [], [], []
+  datasets, weights, names, source_names, lens = [], [], [], [], []
   for si, src in enumerate(task_sources(data_cfg, task)):
     source = open_source(src["path"], src["format"], src["split"], key=src["key"])
     ds = grain.MapDataset.source(source).map_with_index(_tag)
@@ -141,7 +196,8 @@ def make_flow_dataset(data_cfg: Any, task: str, tokenizer: Any, specials: Specia
                          f"data.num_image_tokens is {n}")
     if bool(data_cfg.shuffle):
       ds = ds.shuffle(seed=_derive_seed(seed, TASK_IDS[task], si))
-    ds = ds.repeat(None)
+    if src["on_exhausted"] == "repeat":
+      ds = ds.repeat(None)
     fmt = RowFormatter(
         kind=src["kind"], tokenizer=tokenizer, specials=specials, seed=seed, source_index=si, epoch_len=epoch_len,
         max_text_len=s, num_image_tokens=n, text_field=sec.text_field,
@@ -156,12 +212,14 @@ def make_flow_dataset(data_cfg: Any, task: str, tokenizer: Any, specials: Specia
     else:
       it = ds.to_iter_dataset(read)
     it = it.batch(bs, drop_remainder=True, batch_fn=BatchBuilder(src["kind"], specials, s, n, emit_index, si))
-    datasets.append(it)
+    what = f"data.{task} source {src['name']!r} ({src['key']}={src['path']!r})"
+    datasets.append(SourceFeed(it, si, src["on_exhausted"], what))
     weights.append(src["weight"])
     names.append(src["path"])
+    source_names.append(src["name"])
     lens.append(epoch_len)
   flow = datasets[0] if len(datasets) == 1 else grain.IterDataset.mix(datasets, weights)
-  info = FlowInfo(task, bs, tuple(names), tuple(lens), max(1, sum(lens) // bs))
+  info = FlowInfo(task, bs, tuple(names), tuple(lens), max(1, sum(lens) // bs), tuple(source_names))
   return flow, info
 
 
@@ -203,22 +261,25 @@ class MixedBatchIterator(grain.DatasetIterator):
     flows: ``{task: FlowInfo}`` of the active flows.
     seq_len: L = S + N + 3. steps_per_epoch: batches in one ``max_size_cycle`` epoch.
     total_steps: ``num_epochs * steps_per_epoch``, or None (repeat forever). step: batches returned.
-  ``get_state()`` -> ``{"step": int, "flows": {...}, "signature": {...}}`` (JSON-serialisable);
-  ``set_state`` restores it, after which the iterator yields exactly the batches that followed the
+  ``get_state()`` -> ``{"step": int, "flows": {...}, "rows": {task: [rows per source]},
+  "signature": {...}}`` (JSON-serialisable; ``rows``: this host's row counters, see
+  :meth:`metrics`; a state without them restores them as 0); ``set_state`` restores it, after which the iterator yields exactly the batches that followed the
   saved step. The signature (seed, shuffle, shard, workers, per-host batch sizes and the record
   counts of each source's shard; not the paths, so data may move) must match: restoring into a
   differently configured pipeline raises ValueError.
   """
 
   def __init__(self, parent: grain.DatasetIterator, flows: Mapping[str, FlowInfo], seq_len: int,
-               total_steps: int | None, signature: Mapping[str, Any] | None = None):
+               total_steps: int | None, signature: Mapping[str, Any] | None = None, process_count: int = 1):
     super().__init__(parent)
     self.signature = json.loads(json.dumps(signature or {}))
     self.flows = dict(flows)
     self.seq_len = seq_len
     self.steps_per_epoch = max(f.steps_per_epoch for f in self.flows.values())
     self.total_steps = total_steps
+    self.process_count = process_count
     self.step = 0
+    self.rows = {k: [0] * len(f.sources) for k, f in self.flows.items()}
 
   @property
   def batch_sizes(self) -> dict[str, int]:
@@ -229,11 +290,24 @@ class MixedBatchIterator(grain.DatasetIterator):
     if self.total_steps is not None and self.step >= self.total_steps:
       raise StopIteration
     batch = next(self._parent)
+    out = {}
+    for task, b in batch.items():
+      b = dict(b)
+      self.rows[task][int(b.pop(SOURCE_KEY))] += self.flows[task].batch_size
+      out[task] = b
     self.step += 1
-    return batch
+    return out
+
+  def metrics(self) -> dict[str, int]:
+    """``{"data/<task>/<source name>": rows}``: rows each source has fed its flow so far, over all
+    hosts (this host's count times ``process_count``: every host draws the same number of batches
+    from each source, as the mix's pattern depends only on the weights)."""
+    return {f"data/{task}/{name}": n * self.process_count
+            for task, f in self.flows.items() for name, n in zip(f.source_names, self.rows[task])}
 
   def get_state(self) -> dict[str, Any]:
-    return {"step": self.step, "flows": self._parent.get_state(), "signature": self.signature}
+    return {"step": self.step, "flows": self._parent.get_state(), "rows": {k: list(v) for k, v in self.rows.items()},
+            "signature": self.signature}
 
   def set_state(self, state: dict[str, Any]) -> None:
     saved = state.get("signature")
@@ -243,6 +317,8 @@ class MixedBatchIterator(grain.DatasetIterator):
                        f"saved {[saved.get(k) for k in diff]}, now {[self.signature.get(k) for k in diff]})")
     self._parent.set_state(state["flows"])
     self.step = int(state["step"])
+    rows = state.get("rows") or {}
+    self.rows = {k: [int(n) for n in rows.get(k, [0] * len(f.sources))] for k, f in self.flows.items()}
 
   def __repr__(self) -> str:
     return (f"MixedBatchIterator(step={self.step}, L={self.seq_len}, batch={self.batch_sizes}, "
@@ -278,7 +354,9 @@ def make_mixed_dataset(data_cfg: Any, tokenizer: Any = None, *, max_text_len: in
                        process_count: int | None = None, seed: int | None = None,
                        shard_options: grain.sharding.ShardOptions | None = None, specials: SpecialTokens | None = None,
                        emit_index: bool = False) -> tuple[grain.IterDataset, dict[str, FlowInfo]]:
-  """The zipped per-step ``IterDataset`` (before the step limit) and the active flows' info.
+  """The zipped per-step ``IterDataset`` (before the step limit) and the active flows' info; each
+  flow batch also holds ``SOURCE_KEY`` (its source's index), which :class:`MixedBatchIterator`
+  counts and removes.
 
   Args:
     data_cfg: ``config.data`` (:func:`mmada_jax.data.config.default_data_config`).
@@ -332,7 +410,7 @@ def make_mixed_iterator(data_cfg: Any, tokenizer: Any = None, *, max_text_len: i
   signature = {"seed": int(data_cfg.seed if seed is None else seed), "shuffle": bool(data_cfg.shuffle),
                "shard": [shard.shard_index, shard.shard_count], "workers": int(data_cfg.worker_count),
                **{f"flow.{k}": [f.batch_size, list(f.shard_records)] for k, f in infos.items()}}
-  return MixedBatchIterator(iter(ds), infos, seq_len, total, signature)
+  return MixedBatchIterator(iter(ds), infos, seq_len, total, signature, shard.shard_count)
 
 
 def global_batch_size(data_cfg: Any) -> int:

@@ -4,7 +4,9 @@
 Per step: host batch → ``stage.pre_step`` (if any) → the first batch checked against the stage's
 batch spec → ``sharding.to_global`` (gradient-accumulation layout) → the compiled step (jitted and
 AOT-compiled on the first batch, memory analysis logged) → metrics queued one step behind
-(:class:`~mmada_jax.train.metrics.StepMetrics`). A checkpoint (state + data-iterator state) every
+(:class:`~mmada_jax.train.metrics.StepMetrics`), with the data iterator's own host counters where it
+has a ``metrics()`` method (:class:`DataMetrics`; the records pipeline's per-source rows
+``data/<task>/<source>``), read right after the step's batch. A checkpoint (state + data-iterator state) every
 ``checkpoint_every`` steps and at the end; samples every ``sampling.every`` steps. The loop stops
 early on a preemption signal (saved, then waited for) or when the data iterator is exhausted
 (saved). Every stop writes ``status.json``; a non-finite loss raises
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 
@@ -30,6 +32,14 @@ class Preemption(Protocol):
   """Whether the run must stop (and save) before step ``step``."""
 
   def reached(self, step: int) -> bool: ...
+
+
+@runtime_checkable
+class DataMetrics(Protocol):
+  """A data iterator that reports host-side scalars (e.g. rows per source so far) after each batch;
+  they resume with its state and are written with that step's metrics."""
+
+  def metrics(self) -> dict[str, float]: ...
 
 
 class StepLoop:
@@ -63,7 +73,7 @@ class StepLoop:
         except StopIteration:
           self._stop_exhausted()
           break
-        self._train_step(host_batch)
+        self._train_step(host_batch, _data_metrics(r.data_iter))
         self._after_step()
       self.metrics.flush()
       if self.step == r.total:
@@ -79,7 +89,7 @@ class StepLoop:
     self.r.ckpt.save(step, self.state, self.r.data_iter.get_state(), dict(self.meta, step=step))
     self.last_saved = step
 
-  def _train_step(self, host_batch: Any) -> None:
+  def _train_step(self, host_batch: Any, data_metrics: dict[str, float]) -> None:
     r = self.r
     if r.stage.pre_step is not None:
       ctx = StepContext(self.state, self.step, r.mesh, r.config, r.model_cfg, self.frozen)
@@ -94,7 +104,7 @@ class StepLoop:
       self.compiled = compile_step(self.step_fn, r.shardings, self.state, batch, self.frozen, r.mesh, self.say)
     self.state, metrics = self.compiled(self.state, batch, self.frozen)
     self.step += 1
-    self.metrics.add(self.step, metrics, sequences)
+    self.metrics.add(self.step, metrics, sequences, data_metrics)
 
   def _after_step(self) -> None:
     config, step = self.r.config, self.step
@@ -118,6 +128,11 @@ class StepLoop:
     self.say(f"the data iterator is exhausted after {self.step} steps (data.num_epochs); "
              f"saved a checkpoint at step {self.step}")
     self.r.write_status("data_exhausted", self.step)
+
+
+def _data_metrics(data_iter: Any) -> dict[str, float]:
+  """``data_iter.metrics()`` (:class:`DataMetrics`) now, or {} for an iterator without them."""
+  return dict(data_iter.metrics()) if isinstance(data_iter, DataMetrics) else {}
 
 
 def compile_step(step_fn: Callable, shardings: TrainState, state: TrainState, batch: Any, frozen: Any,

@@ -74,7 +74,8 @@ class StepMetrics:
   :meth:`flush` handles them all. Handling a step: to host floats; a non-finite ``loss`` or
   ``grad_norm`` raises :class:`NonFiniteLoss`; throughput over the window since the last
   written line (the first handled step only opens the window): ``steps_per_sec``,
-  ``tokens_per_sec`` and, with a peak, ``mfu``; the progress bar every step; ``metrics.jsonl`` /
+  ``tokens_per_sec`` and, with a peak, ``mfu``; the step's host scalars (``data``, e.g. the
+  ``data/<task>/<source>`` row counters) merged in as they were at that step; the progress bar every step; ``metrics.jsonl`` /
   TensorBoard every ``log_every`` steps and at ``total``, which also restarts the window.
   ``last_good``: the newest step whose metrics were finite (the start step before any).
   """
@@ -85,7 +86,7 @@ class StepMetrics:
     self.total, self.log_every = total, log_every
     self.peak_flops, self.devices = peak_flops, devices
     self.last_good = start
-    self._pending: list[tuple[int, Any, tuple[int, int]]] = []
+    self._pending: list[tuple[int, Any, tuple[int, int], dict[str, float]]] = []
     self.restart_window()
 
   def restart_window(self) -> None:
@@ -96,9 +97,10 @@ class StepMetrics:
     self._t = t
     self._steps, self._tokens, self._flops = 0, 0, 0.0
 
-  def add(self, step: int, metrics: Any, sequences: tuple[int, int]) -> None:
-    """Queues step ``step``'s device metrics (global ``(rows, length)``); handles older steps."""
-    self._pending.append((step, metrics, sequences))
+  def add(self, step: int, metrics: Any, sequences: tuple[int, int], data: dict[str, float] | None = None) -> None:
+    """Queues step ``step``'s device metrics (global ``(rows, length)``) and host scalars ``data``;
+    handles older steps."""
+    self._pending.append((step, metrics, sequences, dict(data or {})))
     while len(self._pending) > 1:
       self._handle(*self._pending.pop(0))
 
@@ -107,11 +109,12 @@ class StepMetrics:
     while self._pending:
       self._handle(*self._pending.pop(0))
 
-  def _handle(self, step: int, metrics: Any, sequences: tuple[int, int]) -> None:
+  def _handle(self, step: int, metrics: Any, sequences: tuple[int, int], data: dict[str, float]) -> None:
     rows, length = sequences
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not all(math.isfinite(m[k]) for k in ("loss", "grad_norm") if k in m):
       raise NonFiniteLoss(f"non-finite loss at step {step}: " + ", ".join(f"{k}={v:.6g}" for k, v in m.items()))
+    m.update(data)
     self.last_good = step
     now = time.perf_counter()
     if self._t is None:
@@ -173,7 +176,7 @@ class MetricWriter:
     if self.tb is not None:
       for k, v in scalars.items():
         if isinstance(v, (int, float)) and math.isfinite(v):
-          prefix = "perf/" if k in PERF_KEYS else "train/"
+          prefix = "perf/" if k in PERF_KEYS else "" if "/" in k else "train/"  # data/<task>/<source> as is
           self.tb.add_scalar(prefix + k, v, step)
       self.tb.flush()
 

@@ -19,7 +19,8 @@ from mmada_jax.train.stages import Stage, register_stage
 
 def make_data_iterator(config: ConfigDict, process_index: int, process_count: int):
   """The mixed t2i/lm/mmu iterator named by ``config.data_source``: 'records' (the grain pipeline
-  of ``mmada_jax.data`` over ``config.data``) or 'toy' (:mod:`mmada_jax.train.toy_data`)."""
+  of ``mmada_jax.data`` over ``config.data``, whose ``metrics()`` the step loop writes: rows per
+  source ``data/<task>/<name>``) or 'toy' (:mod:`mmada_jax.train.toy_data`)."""
   source = str(config.data_source)
   if source == "toy":
     from mmada_jax.train.toy_data import make_toy_iterator
