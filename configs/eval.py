@@ -9,7 +9,8 @@ from __future__ import annotations
 from mmada_jax.config_schema import to_config_dict
 from mmada_jax.eval.config import EvalConfig
 
-VARIANTS = ("gsm8k", "math", "mmlu", "arc_c", "vqav2", "pope", "mmmu", "geneval", "clip_score")
+VARIANTS = ("gsm8k", "math", "mmlu", "arc_c", "vqav2", "pope", "mmmu", "geneval", "clip_score", "demo_arithmetic",
+            "demo_mmu", "demo_t2i")
 
 # Image understanding: VLMEvalKit-style defaults of the MMaDA evaluation wrapper for short-answer
 # datasets (max_new_tokens = steps = block_length = 2); chat template on.
@@ -37,6 +38,16 @@ PRESETS = {
     "geneval": dict(task="geneval", **_T2I, n_samples=4),
     # CLIP score (100·max(cos, 0)) of one image per prompt; needs --config.clip_model=DIR.
     "clip_score": dict(task="clip_score", **_T2I, n_samples=1),
+    # The offline demo's evaluation (``python -m mmada_jax.demo`` writes WORKDIR/eval/*.jsonl):
+    # arithmetic as GSM8K records, the bare question in the chat template, greedy decoding of 16
+    # tokens in blocks of 4 (one step per token).
+    "demo_arithmetic": dict(task="gsm8k", prompt="{question}", chat=True, gen_length=16, block_length=4, steps=16,
+                            batch_size=32),
+    # Held-out digits: "What digit is shown?" -> 4 tokens in one block, exact match of the answer.
+    "demo_mmu": dict(task="vqav2", prompt="{question}", chat=True, gen_length=4, block_length=4, steps=4,
+                     batch_size=32),
+    # Captions -> one image each (8 steps, CFG 2.0), scored by the demo's digit classifier.
+    "demo_t2i": dict(task="geneval", steps=8, cfg=2.0, noise_schedule="cosine", n_samples=1, batch_size=1),
 }
 
 

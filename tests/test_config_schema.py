@@ -795,7 +795,9 @@ def test_eval_variants_are_in_the_eval_schema(variants):
   evals = [(n, c) for n, c in variants if n.startswith(f"configs/{EVAL_FILE}:")]
   assert len(evals) >= 7
   for name, config in evals:
-    assert parse_variant(name, config).task == name.rpartition(":")[2]
+    preset = name.rpartition(":")[2]
+    demo = {"demo_arithmetic": "gsm8k", "demo_mmu": "vqav2", "demo_t2i": "geneval"}   # the demo's settings
+    assert parse_variant(name, config).task == demo.get(preset, preset)
   config = evals[0][1].copy_and_resolve_references()
   config.mc_nmu = 4
   with pytest.raises(cs.ConfigError, match=r"config\.mc_nmu: unknown config key \(did you mean 'mc_num'\?\)"):

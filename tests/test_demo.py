@@ -40,11 +40,22 @@ def test_demo_artefacts(demo_run):
     for k in path:
       node = node[k]
     assert isinstance(node, (int, float)), path
+  for name in ("arithmetic_sft", "arithmetic", "mmu", "t2i"):       # the harness's runs
+    result = json.loads((demo_run / "eval" / name / "results.json").read_text())
+    assert (demo_run / "eval" / name / "samples.jsonl").exists() and summary["eval"][name] == f"eval/{name}/results.json"
+    assert result["settings"]["data"].startswith(str(demo_run / "eval"))
+  assert summary["text"]["accuracy_after_grpo"] == result_metric(demo_run, "arithmetic", "accuracy")
+  assert summary["mmu"]["accuracy"] == result_metric(demo_run, "mmu", "accuracy")
+  assert summary["t2i"]["classifier_accuracy"] == result_metric(demo_run, "t2i", "classifier_accuracy")
   samples = np.load(demo_run / "samples.npz")
   assert samples["images"].dtype == np.uint8 and samples["images"].ndim == 4
   assert samples["labels"].shape == (samples["images"].shape[0],)
   assert sorted(set(samples["labels"].tolist())) == list(range(10))
   assert list((demo_run / "pretrain" / "tensorboard").glob("events.*")), "TensorBoard event files"
+
+
+def result_metric(run, name: str, metric: str) -> float:
+  return json.loads((run / "eval" / name / "results.json").read_text())["metrics"][metric]
 
 
 def test_rerun_resumes_without_retraining(demo_run):

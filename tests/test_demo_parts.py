@@ -148,9 +148,11 @@ def test_classifier_accuracy_on_real_digits(splits, tmp_path):
   assert clf.accuracy(big, test.labels[:20]) >= 0.85
   clf.save(str(tmp_path / "c.pkl"))
   assert np.allclose(DigitClassifier.load(str(tmp_path / "c.pkl")).predict_proba(test.images[:5]), p)
-  scores = evaluate.t2i_scores(clf, test.images, test.labels)
-  assert scores["accuracy"] == pytest.approx(clf.accuracy(test.images, test.labels))
-  assert evaluate.mmu_scores(["3", "<think> a three </think> 3", "8"], [3, "3", 3])["accuracy"] == pytest.approx(2 / 3)
+  scorer = evaluate.DigitScorer(clf, {f"digit {d}": d for d in range(10)})
+  hits = scorer.score(test.images, [f"digit {d}" for d in test.labels])
+  assert hits.shape == (len(test.labels),) and float(hits.mean()) == pytest.approx(clf.accuracy(test.images, test.labels))
+  with pytest.raises(ValueError, match="no digit known"):
+    scorer.score(test.images[:1], ["a cat"])
   grid = evaluate.image_grid(test.images[:12], cols=5, scale=2)
   assert grid.shape == (3 * 33 + 1, 5 * 33 + 1, 3)
 

@@ -8,8 +8,10 @@
 2. the stages, each a config of ``configs/demo.py`` run by the one trainer: pretraining (t2i + lm
    + mmu), mixed-CoT SFT, UniGRPO on arithmetic (correctness + format), on image understanding
    (MMU correctness) and on text-to-image (the digit classifier as the image-text scorer);
-3. evaluation and artefacts in WORKDIR: ``model/`` (Orbax), ``text_tokenizer/``,
-   ``image_tokenizer/``, each stage's folder (checkpoints, TensorBoard, metrics.jsonl),
+3. evaluation by the harness (:mod:`mmada_jax.eval`, presets ``demo_*`` of ``configs/eval.py``) on
+   the files it writes in ``WORKDIR/eval`` (``mmada_jax.demo.evaluate``), results in
+   ``eval/{arithmetic_sft,arithmetic,mmu,t2i}/`` (``results.json``, ``samples.jsonl``);
+4. artefacts in WORKDIR: ``model/`` (Orbax), ``text_tokenizer/``, ``image_tokenizer/``, each stage's folder (checkpoints, TensorBoard, metrics.jsonl),
    ``samples.png`` (a generated digit grid per prompt with one image's denoising steps beside it),
    ``samples.npz`` (images uint8 [n, R, R, 3], labels int [n]) and ``summary.json``.
 Re-running the same command resumes: finished data and stages are reused.
@@ -54,16 +56,6 @@ def _load_params(stage_dir: str, model_cfg):
   return checkpointing.load_init_params(stage_dir, model_cfg, abstract, None)
 
 
-def _evaluate_text(model, tok, records, gen_length: int = 16, block_length: int = 4):
-  """Greedy low-confidence decoding in semi-autoregressive blocks (measured on two seeds' SFT
-  models: blocks of 4 give 0.40–0.46 where one block of 16 gives 0.11–0.42, because the
-  trailing EOS padding is the most confident and gets committed before the answer)."""
-  from mmada_jax.demo import evaluate
-  out = model.generate_text([r["question"] for r in records], tokenizer=tok, gen_length=gen_length,
-                            block_length=block_length, steps=gen_length)
-  return evaluate.arithmetic_scores(out.texts, [r["answer"] for r in records]), out.texts
-
-
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m mmada_jax.demo", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,12 +68,14 @@ def main(argv: list[str] | None = None) -> int:
   workdir = os.path.abspath(args.workdir)
   os.makedirs(workdir, exist_ok=True)
 
+  import jax
   import numpy as np
   from mmada_jax import GenerationConfig, ImageTokenizer, MMaDA
   from mmada_jax.demo import data as demo_data, evaluate
   from mmada_jax.demo.classifier import DigitClassifier
   from mmada_jax.demo.samples import save_samples_png
-  from mmada_jax.prompting import SpecialTokens, TextTokenizer, builders
+  from mmada_jax.eval.runner import Loaded
+  from mmada_jax.prompting import TextTokenizer
   from mmada_jax.train.trainer import model_config, run
 
   timings: dict[str, float] = {}
@@ -100,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
   tok = TextTokenizer.from_file(paths["text_tokenizer"])
   itok = ImageTokenizer.from_pretrained(paths["image_tokenizer"])
   clf = DigitClassifier.load(paths["classifier"])
-  sp = SpecialTokens.from_tokenizer(tok)
+  files = evaluate.write_eval_data(workdir, paths, preset["text_eval"] or None, preset["mmu_eval"])
+  tok_paths = dict(text_tokenizer=paths["text_tokenizer"], image_tokenizer=paths["image_tokenizer"])
 
   results: dict[str, object] = {}
   prev = ""
@@ -121,13 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     if stage == "sft":
       sft = MMaDA(_load_params(os.path.join(workdir, "sft"), model_cfg), model_cfg,
                   generation_config=GenerationConfig.from_stage_config(cfg))
-      records = demo_data.read_jsonl(paths["eval_arith"])
-      if preset["text_eval"]:
-        records = records[:preset["text_eval"]]
       t0 = time.time()
-      results["text_before"], _ = _evaluate_text(sft, tok, records)
+      # Arithmetic decoding in blocks of 4 (measured on two seeds' SFT models: 0.40–0.46 where one
+      # block of 16 gives 0.11–0.42, because the trailing EOS padding is the most confident and
+      # gets committed before the answer).
+      results["text_before"] = evaluate.run_eval("demo_arithmetic", workdir, "arithmetic_sft", Loaded(sft, tok),
+                                                 data=files["arithmetic"], model=os.path.join(workdir, "sft"),
+                                                 seed=args.seed, **tok_paths)
       timings["eval_text_before"] = time.time() - t0
-      _log(f"   arithmetic accuracy after SFT (before GRPO): {results['text_before']['accuracy']:.3f}")
+      _log(f"   arithmetic accuracy after SFT (before GRPO): {results['text_before']['metrics']['accuracy']:.3f}")
 
   _log("3/4 evaluating the final model")
   t0 = time.time()
@@ -136,39 +133,40 @@ def main(argv: list[str] | None = None) -> int:
   # in blocks of 4 as the evaluation and the text GRPO stage do.
   gen_cfg = GenerationConfig.from_stage_config(cfg).replace(max_text_len=s, block_length=4)
   final = MMaDA(_load_params(os.path.join(workdir, prev), model_cfg), model_cfg, generation_config=gen_cfg)
-  text_after, text_samples = _evaluate_text(final, tok, records)
-  # text-to-image: the evaluation prompts (>= 100 for the full preset), classified.
-  ev_t2i = demo_data.read_jsonl(paths["eval_t2i"])
-  prompts, labels = [e["prompt"] for e in ev_t2i], np.array([int(e["label"]) for e in ev_t2i])
-  gen = final.generate_images(prompts, image_tokenizer=itok, tokenizer=tok, guidance_scale=2.0, steps=8,
-                              max_text_len=s, seed=args.seed, return_trajectory=True)
-  t2i = evaluate.t2i_scores(clf, gen.images, labels)
-  # image understanding on the held-out test digits.
-  ev_mmu = demo_data.read_jsonl(paths["eval_mmu"])[:preset["mmu_eval"]]
-  chats = [tok.apply_chat_template([{"role": "user", "content": e["question"]}]) for e in ev_mmu]
-  batch = builders.mmu_gen_prompt(sp.image_token_ids(np.array([e["image_codes"] for e in ev_mmu])), chats, specials=sp)
-  ans = final.generate_from_ids(batch.input_ids, attention_mask=batch.attention_mask, gen_length=4,
-                                block_length=4, steps=4)
-  mmu = evaluate.mmu_scores(final._decode(tok, ans.tokens, sp), [e["answer"] for e in ev_mmu])
+  model_dir = os.path.join(workdir, "model")
+  final.save_pretrained(model_dir, overwrite=True)
+  t2i_prompts = demo_data.read_jsonl(files["t2i"])
+  labels = np.array([int(e["label"]) for e in t2i_prompts])
+  lo = Loaded(final, tok, itok, evaluate.DigitScorer(clf, {e["prompt"]: e["label"] for e in t2i_prompts}))
+  ev = {name: evaluate.run_eval(f"demo_{task}", workdir, name, lo, data=files[task], model=model_dir, seed=args.seed,
+                                **tok_paths)
+        for name, task in (("arithmetic", "arithmetic"), ("t2i", "t2i"), ("mmu", "mmu"))}
   timings["evaluation"] = time.time() - t0
 
   _log("4/4 writing artefacts")
-  final.save_pretrained(os.path.join(workdir, "model"), overwrite=True)
   for name, src in (("text_tokenizer", paths["text_tokenizer"]), ("image_tokenizer", paths["image_tokenizer"])):
     dst = os.path.join(workdir, name)
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(src, dst)
-  np.savez(os.path.join(workdir, "samples.npz"), images=gen.images, labels=labels, codes=gen.codes)
-  save_samples_png(os.path.join(workdir, "samples.png"), gen.images, labels, gen.trajectory, gen.codes,
-                            itok, index=int(np.argmax(labels == 3)) if (labels == 3).any() else 0)
+  # samples.png: the harness's images, and one image's denoising steps (regenerated with the
+  # harness's seed for that prompt, so it is the same image).
+  images = evaluate.t2i_images(os.path.join(workdir, evaluate.EVAL_DIR, "t2i"))
+  index = int(np.argmax(labels == 3)) if (labels == 3).any() else 0
+  one = final.generate_images([t2i_prompts[index]["prompt"]], image_tokenizer=itok,
+                              tokenizer=tok, guidance_scale=ev["t2i"]["settings"]["cfg"],
+                              steps=ev["t2i"]["settings"]["steps"], noise_schedule=ev["t2i"]["settings"]["noise_schedule"],
+                              seed=jax.random.fold_in(jax.random.key(args.seed), index), return_trajectory=True)
+  np.savez(os.path.join(workdir, "samples.npz"), images=images, labels=labels)
+  save_samples_png(os.path.join(workdir, "samples.png"), images, labels, one.trajectory, one.codes, itok, index=0)
   wall = time.time() - t_start
   summary = {
-      "t2i": {"classifier_accuracy": t2i["accuracy"], "mean_label_prob": t2i.get("mean_label_prob"),
-              "n_images": int(len(labels))},
-      "mmu": {"accuracy": mmu["accuracy"], "n": len(ev_mmu)},
-      "text": {"accuracy_before_grpo": results["text_before"]["accuracy"],
-               "accuracy_after_grpo": text_after["accuracy"], "n": len(records),
-               "samples": text_samples[:5]},
+      "t2i": {"classifier_accuracy": ev["t2i"]["metrics"]["classifier_accuracy"], "n_images": ev["t2i"]["images"]},
+      "mmu": {"accuracy": ev["mmu"]["metrics"]["accuracy"], "n": ev["mmu"]["n"]},
+      "text": {"accuracy_before_grpo": results["text_before"]["metrics"]["accuracy"],
+               "accuracy_after_grpo": ev["arithmetic"]["metrics"]["accuracy"], "n": ev["arithmetic"]["n"],
+               "samples": [json.loads(line)["output"] for line in open(os.path.join(
+                   workdir, evaluate.EVAL_DIR, "arithmetic", "samples.jsonl"), encoding="utf-8")][:5]},
+      "eval": {name: os.path.join(evaluate.EVAL_DIR, name, "results.json") for name in ("arithmetic_sft", *ev)},
       "data": built.get("stats", {}),
       "model": {"params": final.num_params, **{k: v for k, v in built["model"].items()}},
       "preset": args.preset, "seed": args.seed,
@@ -177,9 +175,10 @@ def main(argv: list[str] | None = None) -> int:
   }
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2, default=str)
-  _log(f"done in {wall / 60:.1f} min: t2i classifier accuracy {t2i['accuracy']:.3f}, MMU accuracy "
-       f"{mmu['accuracy']:.3f}, arithmetic {results['text_before']['accuracy']:.3f} -> {text_after['accuracy']:.3f} "
-       f"(GRPO); see {workdir}/summary.json and samples.png")
+  t, m = summary["t2i"]["classifier_accuracy"], summary["mmu"]["accuracy"]
+  _log(f"done in {wall / 60:.1f} min: t2i classifier accuracy {t:.3f}, MMU accuracy {m:.3f}, arithmetic "
+       f"{summary['text']['accuracy_before_grpo']:.3f} -> {summary['text']['accuracy_after_grpo']:.3f} "
+       f"(GRPO); see {workdir}/summary.json, samples.png and eval/")
   return 0
 
 

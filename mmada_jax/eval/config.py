@@ -22,7 +22,9 @@ class EvalConfig:
   mc_num / cfg: the likelihood estimator's samples and CFG weight (text-to-image tasks: ``cfg`` is
   the image sampler's CFG weight, ``steps`` its steps); seed: sampler / estimator seed;
   n_samples / noise_schedule: images per prompt and the mask schedule (text-to-image tasks);
-  clip_model: a local Hugging Face CLIP directory (``clip_score``; optional for ``geneval``).
+  clip_model: a local Hugging Face CLIP directory (``clip_score``; optional for ``geneval``);
+  prompt: a format string with ``{question}`` that replaces the task's prompt (text and image
+  understanding tasks, no few-shot; ``"{question}"``: the bare question), '' for the task's own.
   """
   task: Task = "gsm8k"
   model: str = ""
@@ -45,6 +47,7 @@ class EvalConfig:
   n_samples: int = 4
   noise_schedule: Literal["cosine", "linear", "sigmoid"] = "cosine"
   clip_model: str = ""
+  prompt: str = ""
 
   def __post_init__(self):
     for name in ("batch_size", "gen_length", "block_length", "steps", "mc_num", "n_samples"):
@@ -54,3 +57,12 @@ class EvalConfig:
       raise ValueError(f"config.limit={self.limit} must be >= 1 (or None for all examples)")
     if self.num_fewshot < 0 or self.cfg < 0:
       raise ValueError("config.num_fewshot and config.cfg must be >= 0")
+    if self.prompt:
+      try:
+        ok = self.prompt.format(question="\0") != self.prompt
+      except (KeyError, IndexError, ValueError):
+        ok = False
+      if not ok:
+        raise ValueError(f"config.prompt={self.prompt!r} must be a format string whose only field is {{question}}")
+      if self.num_fewshot:
+        raise ValueError("config.prompt replaces the task's few-shot prompt; set config.num_fewshot=0")

@@ -94,10 +94,12 @@ def score(task: str, ex: data.Example, output: str) -> float:
 
 @dataclasses.dataclass
 class Loaded:
-  """The model and tokenizers of a run."""
+  """The model and tokenizers of a run; ``scorer``: an image–text scorer for text-to-image tasks
+  (:class:`mmada_jax.eval.clip.ImageTextScorer`; None: CLIP from ``clip_model`` when set)."""
   model: Any
   tokenizer: Any
   image_tokenizer: Any = None
+  scorer: Any = None
 
 
 def load(ec: EvalConfig) -> Loaded:
@@ -190,7 +192,7 @@ def _likelihood_rows(ec: EvalConfig, lo: Loaded, batch: list[data.Example], prom
 def run_batch(ec: EvalConfig, lo: Loaded, batch: list[data.Example], shots: list[data.Example]
               ) -> tuple[list[dict[str, Any]], int]:
   """Sample rows of ``batch`` and the number of tokens processed."""
-  prompts = [render(ec.task, ex, shots) for ex in batch]
+  prompts = [ec.prompt.format(question=ex.question) if ec.prompt else render(ec.task, ex, shots) for ex in batch]
   kind = KINDS[ec.task]
   if kind == "likelihood":
     return _likelihood_rows(ec, lo, batch, prompts)

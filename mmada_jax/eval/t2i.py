@@ -12,7 +12,8 @@ is padded to the model's fixed ``max_text_len``, so a prompt's images depend nei
 prompts nor on the batch size. The image-token count (1024 for the published MMaDA 8B) is the
 checkpoint's generation config. With ``clip_model`` set (required by ``clip_score``) each image is
 scored against its prompt (:mod:`mmada_jax.eval.clip`); results.json gets ``clip_score`` mean and
-stderr over all images. A rerun skips prompts whose samples are all written.
+stderr over all images. Another :class:`~mmada_jax.eval.clip.ImageTextScorer` given as the loaded
+run's ``scorer`` replaces CLIP; its ``name`` is the metric's. A rerun skips prompts whose samples are all written.
 """
 from __future__ import annotations
 
@@ -74,8 +75,8 @@ def run_t2i(ec: Any, workdir: str, lo: Any) -> tuple[list[dict[str, Any]], dict[
   from PIL import Image
   if ec.task == "clip_score" and not ec.clip_model:
     raise ValueError("task clip_score needs config.clip_model (a local Hugging Face CLIP directory)")
-  scorer = None
-  if ec.clip_model:
+  scorer = getattr(lo, "scorer", None)
+  if scorer is None and ec.clip_model:
     from mmada_jax.eval.clip import CLIP
     scorer = CLIP.from_pretrained(ec.clip_model)
   records = read_prompts(ec.data, ec.limit)
@@ -94,10 +95,11 @@ def run_t2i(ec: Any, workdir: str, lo: Any) -> tuple[list[dict[str, Any]], dict[
       made += len(images)
     row = dict(index=i, prompt=rec["prompt"], images=[os.path.relpath(p, workdir) for p in paths])
     if scorer is not None:
-      row["clip_score"] = [float(s) for s in scorer.score(images, [rec["prompt"]] * len(images))]
+      row[scorer.name] = [float(s) for s in scorer.score(images, [rec["prompt"]] * len(images))]
     rows.append(row)
   metrics: dict[str, float] = {}
   stderr: dict[str, float] = {}
   if scorer is not None:
-    metrics["clip_score"], stderr["clip_score"] = scoring.mean_and_stderr([s for r in rows for s in r["clip_score"]])
+    name = scorer.name
+    metrics[name], stderr[name] = scoring.mean_and_stderr([s for r in rows for s in r[name]])
   return rows, metrics, stderr, made
