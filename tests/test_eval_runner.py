@@ -132,3 +132,26 @@ def test_command_line(saved, tmp_path):
   assert "| accuracy |" in proc.stdout and (out / "results.json").exists()
   bad = subprocess.run(cmd[:-1] + ["--config.bogus=1", f"--workdir={out}"], cwd=REPO, capture_output=True, text=True)
   assert bad.returncode != 0 and "bogus" in bad.stderr
+
+
+def test_generation_outputs_do_not_depend_on_batch_size_or_mesh(saved, tmp_path):
+  # prompt lengths: 8 of 18 tokens (one full chunk of 8, split over the 8 devices), 3 of 17, 10 of 19
+  rows = [{"question": f"what is {i} + 3 ?", "answer": f"#### {i + 3}"} for i in range(21)]
+  (tmp_path / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  base = dict(gen_length=4, block_length=4, steps=2, num_fewshot=0, data=str(tmp_path / "gsm8k.jsonl"))
+  runs = {}
+  for name, kw in {"bs1": dict(batch_size=1), "bs8": dict(batch_size=8),
+                   "data8": dict(batch_size=8, mesh_shape="data=8"),
+                   "fsdp8": dict(batch_size=8, mesh_shape="fsdp=8")}.items():
+    res = runner.run(_config(saved, "gsm8k", **base, **kw), str(tmp_path / name))
+    runs[name] = [(r["index"], r["output"], r["score"]) for r in _samples(tmp_path / name)]
+    assert res["n"] == 21
+  assert len(runs["bs1"]) == 21 and len({o for _, o, _ in runs["bs1"]}) > 1
+  for name in ("bs8", "data8", "fsdp8"):
+    assert runs[name] == runs["bs1"], name
+  ec = runner.parse(runner.EvalConfig, _config(saved, "gsm8k", **base, mesh_shape="data=8"), "config")
+  lo = runner.on_mesh(ec, runner.load(ec))
+  assert dict(lo.model.mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+  # the mesh does not enter the resume check: a one-device run continues on the mesh
+  res = runner.run(_config(saved, "gsm8k", **base, batch_size=8, mesh_shape="data=8"), str(tmp_path / "bs8"))
+  assert res["resumed"] == 21 and runs["bs8"] == [(r["index"], r["output"], r["score"]) for r in _samples(tmp_path / "bs8")]

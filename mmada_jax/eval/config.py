@@ -24,7 +24,10 @@ class EvalConfig:
   n_samples / noise_schedule: images per prompt and the mask schedule (text-to-image tasks);
   clip_model: a local Hugging Face CLIP directory (``clip_score``; optional for ``geneval``);
   prompt: a format string with ``{question}`` that replaces the task's prompt (text and image
-  understanding tasks, no few-shot; ``"{question}"``: the bare question), '' for the task's own.
+  understanding tasks, no few-shot; ``"{question}"``: the bare question), '' for the task's own;
+  mesh_shape: run data-parallel on a mesh of this process's devices (``make_mesh`` syntax, e.g.
+  ``"data=-1"`` or ``"fsdp=8"``; parameters by the sharding rules, batches by the batch rule),
+  '' for one device; per-example outputs do not depend on it.
   """
   task: Task = "gsm8k"
   model: str = ""
@@ -48,6 +51,7 @@ class EvalConfig:
   noise_schedule: Literal["cosine", "linear", "sigmoid"] = "cosine"
   clip_model: str = ""
   prompt: str = ""
+  mesh_shape: str = ""
 
   def __post_init__(self):
     for name in ("batch_size", "gen_length", "block_length", "steps", "mc_num", "n_samples"):

@@ -5,7 +5,8 @@ pope, mmmu: ``MMaDA.answer`` on the example's image) and ``likelihood`` (mmlu, a
 with the highest Monte-Carlo log-likelihood, :mod:`mmada_jax.eval.likelihood`), ``t2i`` (geneval,
 clip_score: images in GenEval's layout, optionally CLIP-scored, :mod:`mmada_jax.eval.t2i`).
 Text sampling batches only prompts of equal token length (:mod:`mmada_jax.eval.batching`), so a
-generation task's per-example outputs do not depend on ``batch_size``.
+generation task's per-example outputs do not depend on ``batch_size``, nor on ``mesh_shape`` (the
+model sharded over this process's devices, batches by the batch rule).
 
 Outputs in the workdir: ``samples.jsonl`` (one row per example in data order: ``index``,
 ``prompt``, ``output``, ``target``, ``score``; rewritten atomically after every batch),
@@ -114,7 +115,28 @@ def load(ec: EvalConfig) -> Loaded:
     if not os.path.exists(getattr(ec, name)):
       raise FileNotFoundError(f"config.{name}: {getattr(ec, name)!r} does not exist")
   itok = ImageTokenizer.from_pretrained(ec.image_tokenizer) if images else None
-  return Loaded(MMaDA.from_pretrained(ec.model), TextTokenizer.from_file(ec.text_tokenizer), itok)
+  return Loaded(MMaDA.from_pretrained(ec.model, mesh=_mesh(ec)), TextTokenizer.from_file(ec.text_tokenizer), itok)
+
+
+def _mesh(ec: EvalConfig) -> jax.sharding.Mesh | None:
+  """The mesh ``ec.mesh_shape`` over this process's devices (None for '')."""
+  from mmada_jax.sharding import make_mesh
+  return make_mesh(ec.mesh_shape, jax.local_devices()) if ec.mesh_shape else None
+
+
+def on_mesh(ec: EvalConfig, lo: Loaded) -> Loaded:
+  """``lo`` with its model's parameters sharded over ``_mesh(ec)`` (as given without
+  ``mesh_shape`` or when the model already has a mesh)."""
+  m = lo.model
+  if not ec.mesh_shape or m.mesh is not None:
+    return lo
+  from mmada_jax.model import transformer
+  from mmada_jax.sharding import shard_params
+  mesh = _mesh(ec)
+  params = shard_params(m.params, transformer.param_axes(m.config), mesh, m.rules)
+  model = type(m)(params, m.config, mesh=mesh, rules=m.rules, hf_config=m.hf_config,
+                  generation_config=m.generation_config)
+  return dataclasses.replace(lo, model=model)
 
 
 def params_hash(params: Any) -> str:
@@ -228,10 +250,14 @@ def _settings(ec: EvalConfig) -> dict[str, Any]:
   return dataclasses.asdict(ec)
 
 
+# settings that do not change a run's samples (a resumed run may differ in them)
+_FREE = ("limit", "mesh_shape")
+
+
 def _finished(workdir: str, ec: EvalConfig, examples: list[data.Example]) -> list[dict[str, Any]]:
   """Rows of ``samples.jsonl`` from an earlier run of the same settings (checked), else []."""
   run_file, samples = os.path.join(workdir, "run.json"), os.path.join(workdir, "samples.jsonl")
-  settings = {k: v for k, v in _settings(ec).items() if k != "limit"}
+  settings = {k: v for k, v in _settings(ec).items() if k not in _FREE}
   if os.path.exists(run_file):
     with open(run_file, encoding="utf-8") as f:
       before = json.load(f)
@@ -278,7 +304,7 @@ def _run_t2i(ec: EvalConfig, workdir: str, loaded: Loaded | None, t0: float) -> 
     raise ValueError("task clip_score needs config.clip_model (a local Hugging Face CLIP directory)")
   t2i.read_prompts(ec.data, ec.limit)                           # bad data fails before loading
   _finished(workdir, ec, [])
-  lo = loaded or load(ec)
+  lo = on_mesh(ec, loaded or load(ec))
   t_run = time.perf_counter()
   rows, metrics, stderr, made = t2i.run_t2i(ec, workdir, lo)
   elapsed = time.perf_counter() - t_run
@@ -313,7 +339,7 @@ def run(eval_cfg: Any, workdir: str, *, loaded: Loaded | None = None,
     if len(shots) < ec.num_fewshot:
       raise data.DataError(f"{ec.fewshot_data}: {len(shots)} records for num_fewshot={ec.num_fewshot}")
   rows = _finished(workdir, ec, examples)
-  lo = loaded or load(ec)
+  lo = on_mesh(ec, loaded or load(ec))
   samples = os.path.join(workdir, "samples.jsonl")
   done, tokens, t_run = len(rows), 0, time.perf_counter()
   todo = examples[done:]
