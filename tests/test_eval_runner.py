@@ -134,6 +134,7 @@ def test_command_line(saved, tmp_path):
   assert bad.returncode != 0 and "bogus" in bad.stderr
 
 
+@pytest.mark.slow  # 18 s: fast tier < 4 min; CI's slow tier runs it
 def test_generation_outputs_do_not_depend_on_batch_size_or_mesh(saved, tmp_path):
   # prompt lengths: 8 of 18 tokens (one full chunk of 8, split over the 8 devices), 3 of 17, 10 of 19
   rows = [{"question": f"what is {i} + 3 ?", "answer": f"#### {i + 3}"} for i in range(21)]
