@@ -31,6 +31,7 @@ import json
 import os
 from typing import Any, Callable
 
+from mmada_jax.data.jsonl import read_json_lines
 from mmada_jax.eval import scoring
 
 
@@ -63,19 +64,7 @@ def read_records(path: str) -> list[dict[str, Any]]:
   if not os.path.isfile(path):
     raise DataError(f"data file not found: {path!r}")
   if path.endswith((".jsonl", ".json")):
-    out = []
-    with open(path, encoding="utf-8") as f:
-      for line_no, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          rec = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise DataError(f"{path}:{line_no}: not a JSON object ({e})") from e
-        if not isinstance(rec, dict):
-          raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(rec).__name__}")
-        out.append(rec)
-    return out
+    return [rec for _, rec in read_json_lines(path, DataError)]
   if path.endswith(".parquet"):
     import pyarrow.parquet as pq
     return pq.read_table(path).to_pylist()

@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from mmada_jax.data.jsonl import read_json_lines
 from mmada_jax.eval import scoring
 
 
@@ -33,19 +34,12 @@ def read_prompts(path: str, limit: int | None = None) -> list[dict[str, Any]]:
   if not path.endswith(".jsonl"):
     raise DataError(f"{path}: text-to-image prompts must be a .jsonl file")
   out = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{n}: not JSON ({e})") from e
-      if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
-        raise DataError(f"{path}:{n}: a record needs a non-empty string field 'prompt'")
-      out.append(rec)
-      if limit is not None and len(out) >= limit:
-        break
+  for n, rec in read_json_lines(path, DataError):
+    if not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
+      raise DataError(f"{path}:{n}: a record needs a non-empty string field 'prompt'")
+    out.append(rec)
+    if limit is not None and len(out) >= limit:
+      break
   if not out:
     raise DataError(f"{path}: no prompts")
   return out

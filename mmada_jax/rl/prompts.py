@@ -8,11 +8,11 @@
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from mmada_jax.data.jsonl import read_json_lines
 from mmada_jax.prompting.special_tokens import SpecialTokens
 
 THINKING_PROMPT = ("You should first think about the reasoning process in the mind and then provide the user "
@@ -95,32 +95,25 @@ def load_jsonl_records(path: str, task: str, tokenizer: Any, specials: SpecialTo
   ``[mmu] [soi] image [eoi]`` (``mmu_gen_prompt``) from ``image_codes``. T2I keeps the caption ids.
   """
   out = []
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from e
-      text = row.get("question", row.get("prompt"))
-      if text is None:
-        raise ValueError(f"{path}:{line_no}: a record needs 'question' or 'prompt'")
-      rec = {"prompt": str(text), "answer": row.get("answer"), "choices": row.get("choices"),
-             "label": row.get("label")}
-      if task == "t2i":
-        rec["prompt_ids"] = list(tokenizer.encode(str(text)))
-      else:
-        content = (THINKING_PROMPT + str(text)) if thinking_prompt else str(text)
-        ids = list(tokenizer.apply_chat_template([{"role": "user", "content": content}]))
-        if task == "mmu":
-          codes = row.get("image_codes")
-          if codes is None:
-            raise ValueError(f"{path}:{line_no}: an MMU record needs 'image_codes' (pre-tokenised image)")
-          ids = ([specials.mmu, specials.soi] + [int(c) + specials.image_offset for c in codes]
-                 + [specials.eoi] + ids)
-        rec["prompt_ids"] = ids
-      out.append(rec)
+  for line_no, row in read_json_lines(path):
+    text = row.get("question", row.get("prompt"))
+    if text is None:
+      raise ValueError(f"{path}:{line_no}: a record needs 'question' or 'prompt'")
+    rec = {"prompt": str(text), "answer": row.get("answer"), "choices": row.get("choices"),
+           "label": row.get("label")}
+    if task == "t2i":
+      rec["prompt_ids"] = list(tokenizer.encode(str(text)))
+    else:
+      content = (THINKING_PROMPT + str(text)) if thinking_prompt else str(text)
+      ids = list(tokenizer.apply_chat_template([{"role": "user", "content": content}]))
+      if task == "mmu":
+        codes = row.get("image_codes")
+        if codes is None:
+          raise ValueError(f"{path}:{line_no}: an MMU record needs 'image_codes' (pre-tokenised image)")
+        ids = ([specials.mmu, specials.soi] + [int(c) + specials.image_offset for c in codes]
+               + [specials.eoi] + ids)
+      rec["prompt_ids"] = ids
+    out.append(rec)
   return out
 
 
