@@ -16,6 +16,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from mmada_jax.train.config_files import parse_config_flags
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config file (path:task[,key=value...]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results.json and samples.jsonl.")
@@ -39,15 +41,6 @@ def main(argv: list[str]) -> None:
   print(json.dumps({"results": f"{_WORKDIR.value}/results.json", "wall_s": round(result["wall_s"], 2)}))
 
 
-def cli() -> None:
-  from mmada_jax.train.config_files import resolve_config_argv
-  try:
-    argv = resolve_config_argv(sys.argv)
-  except FileNotFoundError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  app.run(main, argv=argv)
-
-
 if __name__ == "__main__":
-  cli()
+  from mmada_jax.eval.config import EvalConfig
+  app.run(main, flags_parser=lambda argv: parse_config_flags(argv, EvalConfig))

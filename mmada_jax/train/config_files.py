@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import sys
 
 PACKAGED = "mmada_jax.configs"
 
@@ -85,3 +87,46 @@ def load_config_file(spec: str):
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg or None)
+
+
+def parse_config_flags(argv: list[str], schema: type) -> list[str]:
+  """absl flag parsing with a one-line error for unknown or malformed config overrides; a
+  ``--config=`` path that is not in the working directory names a packaged preset
+  (:func:`resolve_config_argv`); ``schema`` is the config's dataclass, whose renamed keys are
+  named. For ``absl.app.run(main, flags_parser=...)``; exits 2 with the message on a bad flag."""
+  from absl import flags
+  try:
+    argv = resolve_config_argv(argv)
+  except FileNotFoundError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    inner: BaseException = e
+    while inner.args and isinstance(inner.args[0], BaseException):
+      inner = inner.args[0]
+    text = str(inner.args[0]) if inner.args else str(inner)
+    found = re.search(r"'(\w+)'", text)
+    name = found.group(1) if found else text
+    hint = re.search(r"Did you mean \S+ instead of \S+\?", text)
+    bad = [a.split("=", 1)[0][2:] for a in argv[1:]
+           if a.startswith("--config.") and name in a.split("=", 1)[0][len("--config."):].split(".")]
+    key = bad[0] if bad else f"config.{name}"
+    new = _renamed(schema, key)
+    if new is not None:
+      print(f"error: config key {key!r} was renamed to {new!r}", file=sys.stderr)
+      sys.exit(2)
+    print(f"error: unknown config key {key!r}: the config has no field {name!r}"
+          + (f" ({hint.group(0)})" if hint else ""), file=sys.stderr)
+    sys.exit(2)
+  except (flags.Error, ValueError, TypeError) as e:   # e.g. an unknown config variant or a bad value
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _renamed(schema: type, key: str) -> str | None:
+  """``config.a.b``'s new name when ``schema`` records it as renamed, else None."""
+  from mmada_jax.config_schema import renamed_key
+  new = renamed_key(schema, key.removeprefix("config."))
+  return None if new is None else f"config.{new}"
