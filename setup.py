@@ -25,6 +25,8 @@ INSTALL_REQUIRES = [
     "psutil>=5.9",
     # UniGRPO answer equivalence beyond the rules of mmada_jax.rl.answers (LaTeX / expressions).
     "math-verify>=0.9.0,<0.10",
+    # Weight-only quantization (int8 / int4) and LoRA / QLoRA of the Flax model.
+    "qwix>=0.1.8,<0.2",
 ]
 
 setup(
