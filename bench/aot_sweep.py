@@ -1,6 +1,6 @@
 """Runs ``python -m mmada_jax.aot`` over the planning grid of docs/aot.md and prints its tables.
 
-  python bench/aot_sweep.py --out=runs/aot [--jobs=2] [--only=v5p-64] [--grid=plan|tuning|all]
+  python bench/aot_sweep.py --out=runs/aot [--jobs=2] [--only=v5p-64] [--grid=plan|tuning|kernels|long_cot|samplers|all]
 
 Each entry compiles one 8B stage (``configs/mmada_8b.py``) for one TPU slice with the settings
 given here (mesh, remat policy, gradient accumulation, LM-head chunking) and stores the report as
@@ -16,6 +16,9 @@ Grids:
   * ``tuning``: stage 1.3 on v5p-64 under each remat policy / accumulation / mesh tried;
   * ``grpo``: UniGRPO updates at the configs' accumulation of 4 (the plan uses less);
   * ``alternatives``: other meshes / remat policies tried for stage 1.3 on v5e-256 and v6e-64.
+  * ``kernels``: stage 1.3 on v5p-64 with splash attention and the fused LM-head loss against einsum;
+  * ``long_cot``: the long-CoT SFT step (lm_chat rows of L = 4096 / 8192) on v5p-64, einsum vs splash;
+  * ``samplers``: the 8B text sampler (``--program=text_sampler``) at L = 4096 on v5p-64.
 
 Needs the ``libtpu`` wheel (``pip install -r requirements-aot.txt``); every compile runs in its
 own ``JAX_PLATFORMS=cpu`` process (about 1–4 minutes and 2–4 GB of host memory each).
@@ -108,8 +111,40 @@ TUNING_GRPO = [
     _e("v5p128_grpo", "stage3_grpo", "v5p-128", remat_policy=DNB, grad_accum=4),
 ]
 
+# Flash attention (splash) and the fused LM-head loss (issue 15): stage 1.3 on v5p-64, einsum
+# attention (``attention_impl=xla``) against splash; the fused chunked loss in both.
+KERNELS = [
+    _e("k_s13_splash_A8_chunk512", "stage1_3", "v5p-64", attention_impl="splash", remat_policy=DNB, grad_accum=8,
+       logits_chunk=512),
+    _e("k_s13_xla_A8_chunk512", "stage1_3", "v5p-64", attention_impl="xla", remat_policy=DNB, grad_accum=8,
+       logits_chunk=512),
+    _e("k_s13_splash_A4_chunk512", "stage1_3", "v5p-64", attention_impl="splash", remat_policy=DNB, grad_accum=4,
+       logits_chunk=512),
+]
+
+# Long-CoT SFT: stage 2.1's text (lm_chat) flow alone, rows of L = S + N + 3 tokens (S = L - 1027),
+# its 512 rows per step; einsum attention against splash.
+_LONG = dict(remat_policy=DNB, grad_accum=16, logits_chunk=512, t2i_rows=0, mmu_rows=0)
+LONG_COT = [
+    _e(f"cot{L}_{impl}", "stage2_1", "v5p-64", attention_impl=impl, max_text_len=L - 1027, **_LONG)
+    for L in (4096, 8192) for impl in ("xla", "splash")
+] + [   # memory only (one compile each, no cost twins)
+    _e(f"cot{L}_{impl}_mem", "stage2_1", "v5p-64", twins=False, attention_impl=impl, max_text_len=L - 1027, **_LONG)
+    for L in (8192, 4096) for impl in ("splash", "xla")
+]
+
+# Inference: the 8B text sampler (bfloat16 weights) at L = 4096 (3840 prompt + 256 generated,
+# blocks of 32, 256 steps), full-sequence (cache=none) and prefix-cached; memory only.
+SAMPLERS = [
+    _e(f"sampler_text_L4096_{cache}", "stage2_1", "v5p-64", twins=False, program="text_sampler",
+       sampler_shapes=f"prompt_len=3840,gen_length=256,block_length=32,steps=256,cache={cache}")
+    for cache in ("none", "prefix")
+]
+
 _KEYS = {"remat_policy": "model.remat_policy", "grad_accum": "optimizer.grad_accum", "mesh_shape": "mesh_shape",
-         "logits_chunk": "stage.logits_chunk"}
+         "logits_chunk": "stage.logits_chunk", "attention_impl": "model.attention_impl",
+         "max_text_len": "data.max_text_len", "t2i_rows": "data.t2i.batch_size", "mmu_rows": "data.mmu.batch_size"}
+_FLAGS = ("program", "sampler_shapes")   # mmada_jax.aot flags rather than config overrides
 
 
 def command(entry: dict[str, Any]) -> list[str]:
@@ -117,7 +152,7 @@ def command(entry: dict[str, Any]) -> list[str]:
   cmd = [sys.executable, "-m", "mmada_jax.aot", "--json", f"--config=configs/mmada_8b.py:{entry['variant']}",
          f"--topology={entry['topology']}"]
   for k, v in entry["overrides"].items():
-    cmd.append(f"--config.{_KEYS[k]}={v}")
+    cmd.append(f"--{k}={v}" if k in _FLAGS else f"--config.{_KEYS[k]}={v}")
   if not entry.get("twins", True):
     cmd.append("--twins=false")
   return cmd
@@ -149,6 +184,12 @@ def _fmt_row(entry: dict[str, Any], r: dict[str, Any]) -> str:
   if "error" in r:
     return f"| {entry['variant']} | {entry['topology']} | – | – | – | – | error: {r['error'][:80]} | | | |"
   mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
+  if "program" in r:   # a sampler program: memory only
+    hbm, cap, sh = r["hbm_per_chip_bytes"], r["hbm_capacity_bytes"], r["shapes"]
+    what = f"{r['program']} ({r['quantize']}, cache {sh['cache']}, batch {sh['batch']})"
+    cell = f"{hbm / GIB:.1f} / {cap / GIB:.0f} ({100 * (1 - hbm / cap):.0f}% free)" if hbm else "does not fit"
+    return (f"| {what} | {r['topology']} ({r['chips']}) | {mesh} | – | – | {r['seq_len']} | {cell} | "
+            f"{'yes' if r['fits'] else 'NO'} | – | – | – |")
   hbm = r.get("hbm_per_chip_bytes")
   cap = r["hbm_capacity_bytes"]
   mem = f"{hbm / GIB:.1f} / {cap / GIB:.0f}" if hbm else "–"
@@ -175,11 +216,13 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--out", default="runs/aot", help="Folder for the per-entry JSON reports.")
   ap.add_argument("--jobs", type=int, default=1, help="Compiles run in parallel (each ~1 core, 2-4 GB).")
   ap.add_argument("--only", default="", help="Comma-separated slice names or entry names to run.")
-  ap.add_argument("--grid", choices=("plan", "tuning", "grpo", "alternatives", "all"), default="all")
+  ap.add_argument("--grid", choices=("plan", "tuning", "grpo", "alternatives", "kernels", "long_cot", "samplers",
+                                     "all"), default="all")
   a = ap.parse_args(argv)
   out = pathlib.Path(a.out)
   out.mkdir(parents=True, exist_ok=True)
-  grids = {"plan": PLAN, "tuning": TUNING, "grpo": TUNING_GRPO, "alternatives": ALTERNATIVES}
+  grids = {"plan": PLAN, "tuning": TUNING, "grpo": TUNING_GRPO, "alternatives": ALTERNATIVES, "kernels": KERNELS,
+           "long_cot": LONG_COT, "samplers": SAMPLERS}
   chosen = [(g, e) for g in (tuple(grids) if a.grid == "all" else (a.grid,)) for e in grids[g]]
   only = {s.strip() for s in a.only.split(",") if s.strip()}
   if only:

@@ -2,11 +2,16 @@
 
   python bench/bench_forward.py forward [--batch 4 --length 512 --dtypes float32,bfloat16]
   python bench/bench_forward.py convert-memory [--params 1e9]
+  python bench/bench_forward.py head-gemm [--batch 4 --length 291 --repeats 5]
 
 ``forward``: tokens/s of a ~100M-parameter MMaDA config on the default backend, fp32 and bf16
 compute (fp32 parameters). ``convert-memory``: writes a synthetic sharded bf16 checkpoint in the
 original layout, converts it to Orbax in a subprocess, and reports that process's peak RSS
-against the size of one copy of the weights.
+against the size of one copy of the weights. ``head-gemm``: the CPU comparison work (d_model 256,
+4 layers, 8 heads, MLP 704, the full 134,656 vocabulary, fp32): the jitted forward with full
+logits, its model FLOP/s (forward = a third of the trainer's 6·N·tokens + attention count), and the
+LM-head GEMM [tokens, 256] × [256, 134656] alone through XLA and through numpy's BLAS (median of
+``--repeats``).
 """
 from __future__ import annotations
 
@@ -62,6 +67,40 @@ def bench_forward(args) -> dict:
   return out
 
 
+def bench_head_gemm(args) -> dict:
+  import statistics
+  import jax
+  import jax.numpy as jnp
+  from mmada_jax.model import MMaDAConfig, transformer
+  from mmada_jax.train import metrics as metrics_lib
+  cfg = MMaDAConfig(d_model=256, n_heads=8, n_kv_heads=8, n_layers=4, mlp_hidden_size=704)
+  params = jax.jit(transformer.init_params, static_argnums=0)(cfg, jax.random.key(0))
+  ids = jax.random.randint(jax.random.key(1), (args.batch, args.length), 0, 126000)
+  tokens = args.batch * args.length
+
+  def timed(f, *a):
+    jax.block_until_ready(f(*a))
+    ts = []
+    for _ in range(args.repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(*a))
+      ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+  fwd = timed(jax.jit(lambda p, x: transformer.forward(p, cfg, x).max()), params, ids)
+  h = jax.random.normal(jax.random.key(2), (tokens, cfg.d_model))
+  xla = timed(jax.jit(lambda h, w: (h @ w).max()), h, params["lm_head"])
+  hn, wn = np.asarray(h), np.asarray(params["lm_head"])
+  blas = timed(lambda: (hn @ wn).max())
+  gemm_flops = 2.0 * tokens * cfg.d_model * cfg.vocab_size
+  fwd_flops = metrics_lib.flops_per_step(cfg, args.batch, args.length) / 3
+  return {"batch": args.batch, "length": args.length, "params": cfg.num_params(),
+          "forward_s": round(fwd, 4), "forward_gflops": round(fwd_flops / fwd / 1e9, 2),
+          "head_gemm_flops": gemm_flops, "xla_gemm_s": round(xla, 4), "xla_gemm_gflops": round(gemm_flops / xla / 1e9, 2),
+          "numpy_gemm_s": round(blas, 4), "numpy_gemm_gflops": round(gemm_flops / blas / 1e9, 2),
+          "forward_flops": fwd_flops}
+
+
 def _write_synthetic(path: str, n_params_target: float) -> tuple[int, int]:
   import ml_dtypes
   from mmada_jax.checkpoint import hf_mmada
@@ -113,11 +152,15 @@ def main():
   f.add_argument("--length", type=int, default=512)
   f.add_argument("--repeats", type=int, default=3)
   f.add_argument("--dtypes", default="float32,bfloat16")
+  g = sub.add_parser("head-gemm")
+  g.add_argument("--batch", type=int, default=4)
+  g.add_argument("--length", type=int, default=291)
+  g.add_argument("--repeats", type=int, default=5)
   c = sub.add_parser("convert-memory")
   c.add_argument("--params", type=float, default=1e9)
   c.add_argument("--tmp", default=None)
   args = p.parse_args()
-  result = bench_forward(args) if args.cmd == "forward" else bench_convert_memory(args)
+  result = {"forward": bench_forward, "head-gemm": bench_head_gemm, "convert-memory": bench_convert_memory}[args.cmd](args)
   print(json.dumps(result))
 
 

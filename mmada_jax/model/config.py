@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from mmada_jax.prompting.special_tokens import LLADA_RESERVED_IDS
 
 _MASK_ID, _EOS_ID = LLADA_RESERVED_IDS["mask"], LLADA_RESERVED_IDS["eos"]
+ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")   # model/attention.py IMPLS
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_qkv_out", "minimal")
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
            "float16": jnp.float16, "fp16": jnp.float16}
@@ -56,7 +57,9 @@ class MMaDAConfig:
   dtype: str = "float32"
   remat_policy: str = "none"
   scan_layers: bool = True
-  attention_impl: str = "xla"       # 'xla' (einsum softmax) or 'cudnn' (jax.nn.dot_product_attention)
+  # 'auto' (splash on TPU, cudnn on GPU where the call suits the kernel, else xla), 'xla' (einsum
+  # softmax), 'splash' (Pallas TPU flash kernel) or 'cudnn' (cuDNN flash): model/attention.py.
+  attention_impl: str = "auto"
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size"):
@@ -70,8 +73,8 @@ class MMaDAConfig:
       raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}")
-    if self.attention_impl not in ("xla", "cudnn"):
-      raise ValueError(f"attention_impl={self.attention_impl!r} is not one of ('xla', 'cudnn')")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
     object.__setattr__(self, "param_dtype", canonical_dtype(self.param_dtype))
     object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
 
