@@ -11,7 +11,7 @@ it; the builders below derive their ConfigDicts from those (``mmada_jax.config_s
 * ``optimizer``: ``mmada_jax.train.optim.OptimizerConfig``; ``checkpoint``:
   ``mmada_jax.train.checkpointing.CheckpointConfig``; ``distributed``:
   ``mmada_jax.train.distributed.DistributedConfig``; ``sampling``:
-  ``mmada_jax.train.samples.SamplingConfig``;
+  ``mmada_jax.train.samples.SamplingConfig``; ``lora``: ``mmada_jax.train.lora.LoraConfig``;
 * ``rl`` (UniGRPO stages): ``mmada_jax.rl.config.GRPOConfig``; ``demo`` (the demo's t2i
   rewards): ``mmada_jax.demo.rewards.DemoConfig``.
 
@@ -79,6 +79,11 @@ def distributed_config(**overrides) -> ml_collections.ConfigDict:
 def sampling_config(**overrides) -> ml_collections.ConfigDict:
   """``sampling``: periodic samples written to WORKDIR/samples and TensorBoard."""
   return _section("sampling", overrides)
+
+
+def lora_config(**overrides) -> ml_collections.ConfigDict:
+  """``lora``: LoRA / QLoRA adapters (``rank=0``, the default, trains every parameter)."""
+  return _section("lora", overrides)
 
 
 def toy_config(**overrides) -> ml_collections.ConfigDict:

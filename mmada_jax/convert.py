@@ -3,6 +3,7 @@
   python -m mmada_jax.convert to-orbax   SRC DST [--dtype bfloat16]   # original HF layout -> ours
   python -m mmada_jax.convert to-hf      SRC DST [--dtype bfloat16] [--max-shard-size 5GB]
                                          [--text-tokenizer TOK] [--image-tokenizer MAGVIT]
+                                         [--merge-lora LORA_RUN]        # SRC = the adapters' base
   python -m mmada_jax.convert export-run RUN_DIR DST [--dtype ...]     # a demo run -> one folder
   python -m mmada_jax.convert inspect    SRC                            # architecture + tensor table
 
@@ -16,6 +17,10 @@ chat template, special_tokens_map.json) go beside the weights, and with ``--imag
 MAGVIT-v2 folder) the tokenizer goes to DST/image_tokenizer/ in the original's layout: the folder
 the original's inference scripts load. ``export-run RUN_DIR`` does this for a demo run directory
 (RUN_DIR/model, RUN_DIR/text_tokenizer and, when present, RUN_DIR/image_tokenizer).
+``to-hf --merge-lora LORA_RUN`` (a LoRA / QLoRA training workdir, its checkpoints directory or
+one step directory) writes SRC with the run's adapters merged in (``W + A·B·α/r``; a QLoRA base
+dequantized first, as the adapters were trained on it): SRC must be the base the run was
+trained on (its content hash is checked against the checkpoint's).
 
 Tensors are read one at a time; the output is written to a temporary directory and renamed when
 complete, so an error (a missing or mis-shaped tensor, a corrupt file, a tokenizer that does not
@@ -119,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="tokenizer.json (or its folder) to write beside the weights")
       s.add_argument("--image-tokenizer", default=None,
                      help=f"MAGVIT-v2 folder to write to DST/{IMAGE_TOKENIZER_DIR}/")
+      s.add_argument("--merge-lora", default=None, metavar="LORA_RUN",
+                     help="a LoRA training workdir / checkpoint whose adapters are merged into SRC (its base)")
   s = sub.add_parser("inspect", help="print the architecture and parameter table")
   s.add_argument("src")
   args = p.parse_args(argv)
@@ -144,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
       arch = MMaDAConfig.from_hf_config(hf_mmada.read_hf_config(args.src))
       companions = _companions(arch, text_tok, image_tok, args.cmd)
     params, cfg = _load(args.src, args.dtype)
+    if args.cmd == "to-hf" and args.merge_lora:
+      from mmada_jax.train.lora import merge_checkpoint
+      params = merge_checkpoint(params, cfg, args.merge_lora)
     base = hf_mmada.read_hf_config(args.src)
     generation = generation_file.read_section(args.src)     # carried over when the source has one
     if args.cmd == "to-orbax":

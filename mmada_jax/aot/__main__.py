@@ -2,7 +2,11 @@
 
   python -m mmada_jax.aot --config=configs/mmada_8b.py:stage1_3 --topology=v5p-128 [--json] \
       [--config.mesh_shape=fsdp=-1] [--config.model.remat_policy=dots] [--config.optimizer.grad_accum=8]
+  python -m mmada_jax.aot --config=configs/mmada_8b.py:stage1_3 --topology=v5e:1x1 \
+      --program=text_sampler|t2i_sampler --quantize=none|int8|int4 [--json]
 
+``--program`` (default ``train_step``) selects an inference sampler instead of the train step
+(memory only; bfloat16 or weight-only quantized weights, ``aot.programs.SamplerShapes``).
 Exit code 2 (with ``error: …`` on stderr) when the configuration cannot be laid out on the slice.
 """
 from __future__ import annotations
@@ -10,8 +14,9 @@ from __future__ import annotations
 import json
 import sys
 
-from mmada_jax.aot.estimate import estimate
-from mmada_jax.aot.report import format_report
+from mmada_jax.aot.estimate import estimate, estimate_sampler
+from mmada_jax.aot.programs import QUANTIZE_CHOICES, SAMPLER_PROGRAMS
+from mmada_jax.aot.report import format_report, format_sampler_report
 from mmada_jax.aot.topology import parse_topology
 
 
@@ -27,6 +32,13 @@ def _flags():
       "twins": flags.DEFINE_bool("twins", True, "Compile the 1- and 2-layer cost twins for FLOPs, step time and MFU "
                                  "(False: memory only, one compile)."),
       "compiler_options": flags.DEFINE_string("compiler_options", "", "XLA options key=value,… passed to compile()."),
+      "program": flags.DEFINE_enum("program", "train_step", ["train_step", *SAMPLER_PROGRAMS],
+                                   "What to compile: the stage's train step or an inference sampler."),
+      "quantize": flags.DEFINE_enum("quantize", "none", list(QUANTIZE_CHOICES),
+                                    "Sampler programs: weight-only quantization of the weights (none = bfloat16)."),
+      "sampler_shapes": flags.DEFINE_string("sampler_shapes", "", "Sampler programs: key=value,… overrides of "
+                                            "aot.programs.SamplerShapes (prompt_len, gen_length, block_length, "
+                                            "steps, cache, batch, t2i_steps, cfg, text_len, image_tokens)."),
   }
   return f
 
@@ -57,6 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     log = (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
       topo = parse_topology(f["topology"].value)
+      if f["program"].value in SAMPLER_PROGRAMS:
+        r = estimate_sampler(f["config"].value, topo, f["program"].value, f["quantize"].value,
+                             shapes=f["sampler_shapes"].value,
+                             compiler_options=_options(f["compiler_options"].value), log=log)
+        print(json.dumps(r, sort_keys=True, default=float) if f["json"].value else format_sampler_report(r),
+              flush=True)
+        return
+      if f["quantize"].value != "none":
+        raise ValueError("--quantize applies to the sampler programs (--program=text_sampler|t2i_sampler)")
       r = estimate(f["config"].value, topo, grpo_prompt_len=f["grpo_prompt_len"].value, twins=f["twins"].value,
                    compiler_options=_options(f["compiler_options"].value), log=log)
     except ValueError as e:   # a configuration that cannot be laid out on this topology

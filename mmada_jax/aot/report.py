@@ -44,3 +44,27 @@ def format_report(r: Mapping[str, Any]) -> str:
                  f"measurement) → estimated MFU {100 * r['estimated_mfu']:.1f}%, "
                  f"{r['estimated_tokens_per_second']:.3g} tokens/s")
   return "\n".join(lines)
+
+
+def format_sampler_report(r: Mapping[str, Any]) -> str:
+  """Human-readable lines of an :func:`~mmada_jax.aot.estimate.estimate_sampler` report."""
+  s = r["shapes"]
+  what = (f"prompt {s['prompt_len']} + gen {s['gen_length']} tokens, block {s['block_length']}, "
+          f"{s['steps']} steps, {s['cache']} cache" if r["program"] == "text_sampler" else
+          f"{s['text_len']} text + {s['image_tokens']} image tokens, {s['t2i_steps']} steps"
+          + (", CFG (2 rows per image)" if s["cfg"] else ""))
+  lines = [f"topology {r['topology']}: {r['chips']} chips ({r['device_kind']}, {r['hbm_capacity_bytes'] / GIB:.1f} "
+           f"GiB HBM); {r['program']} batch {s['batch']}: {what}; weights "
+           f"{'bfloat16' if r['quantize'] == 'none' else r['quantize'] + ' (weight-only)'}, "
+           f"{r['param_bytes'] / GIB:.2f} GiB"]
+  if r.get("memory") is None:
+    used = r.get("hbm_per_chip_bytes")
+    lines.append("does NOT fit: XLA could not compile it in HBM"
+                 + (f" (used {used / GIB:.2f} GiB of {r['hbm_capacity_bytes'] / GIB:.2f} GiB)" if used else "")
+                 + f": {r.get('compile_error', '')}")
+    return "\n".join(lines)
+  lines.append(f"HBM per chip (arguments + outputs + temps − aliased): {r['hbm_per_chip_bytes'] / GIB:.2f} GiB of "
+               f"{r['hbm_capacity_bytes'] / GIB:.1f} GiB ({100 * r['hbm_headroom']:.0f}% free) → "
+               f"{'fits' if r['fits'] else 'does NOT fit'}")
+  lines.append("  " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in r["memory"].items()))
+  return "\n".join(lines)

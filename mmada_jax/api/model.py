@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmada_jax.api.generation import GenerationMixin
+import mmada_jax.quant as quant
 from mmada_jax.api.generation_config import GenerationConfig
 from mmada_jax.checkpoint import generation_file, hf_mmada, orbax_io
 from mmada_jax.model import transformer
@@ -41,6 +42,7 @@ class MMaDA(GenerationMixin):
       and sampler defaults; derived (and logged) when none is given.
     mesh: optional ``jax.sharding.Mesh`` the parameters are sharded over.
     rules: the logical-axis rules used with ``mesh``.
+    quantization: the ``quant.QuantSpec`` of weight-only quantized parameters (None: float).
   """
 
   def __init__(self, params: Any, config: MMaDAConfig, *, mesh: jax.sharding.Mesh | None = None,
@@ -54,6 +56,7 @@ class MMaDA(GenerationMixin):
     self.rules = tuple(rules) if rules is not None else DEFAULT_RULES
     self.hf_config = dict(hf_config or {})
     self.params = params
+    self.quantization = quant.quantization_of(params)
     self.generation_config = (generation_config if generation_config is not None
                               else GenerationConfig.derive(config, self.hf_config, where="this MMaDA model"))
 
@@ -62,6 +65,7 @@ class MMaDA(GenerationMixin):
   def from_pretrained(cls, path: str | os.PathLike, *, param_dtype: str | None = None,
                       dtype: str | None = None, mesh: jax.sharding.Mesh | None = None, rules=None,
                       generation_config: GenerationConfig | None = None, progress: bool = False,
+                      quantize: str | None = None, quantize_lm_head: bool = False,
                       **overrides: Any) -> "MMaDA":
     """Loads an original Hugging Face-layout directory or an Orbax directory from the converter.
 
@@ -76,6 +80,11 @@ class MMaDA(GenerationMixin):
       mesh: shard parameters over this mesh by the logical-axis ``rules``.
       generation_config: overrides the checkpoint's saved one (default: ``generation_config.json``,
         else derived from config.json and logged).
+      quantize: 'int8' | 'int4': weight-only PTQ of the attention and MLP projections
+        (``mmada_jax.quant``), done on the host tensor by tensor while loading (each float
+        tensor is quantized, placed and released; the float model never sits on a device). A
+        quantized save loads as stored with None or its own qtype; another request is an error.
+      quantize_lm_head: also quantize the LM head (the embedding is never quantized).
       overrides: ``MMaDAConfig`` fields, e.g. ``remat_policy="full"``, ``scan_layers=False``.
     """
     if "compute_dtype" in overrides:
@@ -88,11 +97,24 @@ class MMaDA(GenerationMixin):
     if dtype is not None:
       overrides["compute_dtype"] = canonical_dtype(dtype)
     pdt = None if param_dtype is None else canonical_dtype(param_dtype)
-    if orbax_io.is_orbax_model_dir(path):
-      params, cfg = orbax_io.load_params(path, pdt, mesh=mesh, rules=rules, **overrides)
+    if quantize is None and quantize_lm_head:
+      raise ValueError("quantize_lm_head=True needs quantize='int8' or 'int4'")
+    want = None if quantize is None else quant.QuantSpec.make(quantize, quantize_lm_head)
+    is_orbax = orbax_io.is_orbax_model_dir(path)
+    stored = orbax_io.stored_quantization(path) if is_orbax else None
+    if stored is not None and want is not None and (want.qtype, want.lm_head) != (stored.qtype, stored.lm_head):
+      raise ValueError(f"{path} holds a {stored.qtype}-quantized model (LM head "
+                       f"{'quantized' if stored.lm_head else 'float'}); it cannot be loaded with "
+                       f"quantize={quantize!r}, quantize_lm_head={quantize_lm_head}: pass quantize=None to "
+                       f"load it as stored, or load the float checkpoint to quantize it differently")
+    on_host = want is not None and stored is None     # quantize while loading: float weights stay on the host
+    if is_orbax:
+      params, cfg = orbax_io.load_params(path, pdt, mesh=mesh, rules=rules, host=on_host, **overrides)
     else:
       params, cfg = hf_mmada.load_hf_checkpoint(path, pdt, mesh=mesh, rules=rules, progress=progress,
-                                                **overrides)
+                                                host=on_host, **overrides)
+    if on_host:
+      params = quant.quantize_and_place(params, cfg, want, mesh, rules)
     hf = hf_mmada.read_hf_config(path)
     if generation_config is None:
       section = generation_file.read_section(path)
@@ -123,6 +145,18 @@ class MMaDA(GenerationMixin):
       params = shard_params(params, transformer.param_axes(config), mesh, rules)
     return cls(params, config, mesh=mesh, rules=rules, generation_config=generation_config)
 
+  def quantize(self, qtype: str = "int8", *, lm_head: bool = False) -> "MMaDA":
+    """A weight-only quantized copy ('int8' | 'int4'; ``lm_head``: the LM head too) on this
+    model's mesh; ``self`` is unchanged. See ``MMaDA.from_pretrained(quantize=...)`` to quantize
+    while loading (lower peak memory)."""
+    if self.quantization is not None:
+      raise ValueError(f"this model is already {self.quantization.qtype}-quantized")
+    spec = quant.QuantSpec.make(qtype, lm_head)
+    params = quant.quantize_params(self.params, self.config, spec,
+                                   place=quant.placer(self.config, spec, self.mesh, self.rules))
+    return type(self)(params, self.config, mesh=self.mesh, rules=self.rules, hf_config=self.hf_config,
+                      generation_config=self.generation_config)
+
   def save_pretrained(self, path: str | os.PathLike, *, format: str = "orbax", param_dtype: str | None = None,
                       overwrite: bool = False, max_shard_bytes: int = 5 * 2**30, tokenizer: Any = None,
                       image_tokenizer: Any = None, **deprecated: Any) -> None:
@@ -145,13 +179,16 @@ class MMaDA(GenerationMixin):
       raise ValueError(f"unknown format {format!r}; use one of {FORMATS}")
     if format != "hf" and (tokenizer is not None or image_tokenizer is not None):
       raise ValueError("tokenizer= / image_tokenizer= are written with format='hf' only")
+    if format == "hf" and self.quantization is not None:
+      raise ValueError(f"this model is {self.quantization.qtype}-quantized: it saves in the orbax format only "
+                       "(format='hf' is the original's float layout; export the float checkpoint instead)")
     path = os.fspath(path)
     gen = self.generation_config.to_dict()
     pdt = canonical_dtype(param_dtype or self.config.param_dtype)
     if format == "orbax":
       params = self.params
       if pdt != self.config.param_dtype:
-        params = jax.tree.map(lambda x: x.astype(pdt), params)
+        params = quant.cast_float(params, pdt)    # quantized leaves keep their qtype
       orbax_io.save_params(params, self.config.replace(param_dtype=pdt), path, hf_config=self.hf_config,
                            generation_config=gen, overwrite=overwrite)
     else:
@@ -169,19 +206,20 @@ class MMaDA(GenerationMixin):
   # ------------------------------------------------------------------ properties
   @property
   def num_params(self) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
+    return quant.num_params(self.params)
 
   def param_summary(self) -> list[tuple[str, tuple[int, ...], str, tuple]]:
     """(path, shape, dtype, logical axes) for every parameter."""
     axes = transformer.param_axes(self.config)
-    flat, _ = jax.tree_util.tree_flatten_with_path(self.params)
+    flat, _ = jax.tree_util.tree_flatten_with_path(self.params, is_leaf=quant.is_quantized)
     out = []
     for path, leaf in flat:
       keys = [p.key for p in path]
       ax = axes
       for k in keys:
         ax = ax[k]
-      out.append(("/".join(keys), tuple(leaf.shape), str(leaf.dtype), ax))
+      dt = str(leaf.qvalue.dtype) if quant.is_quantized(leaf) else str(leaf.dtype)
+      out.append(("/".join(keys), tuple(leaf.shape), dt, ax))
     return out
 
   # ------------------------------------------------------------------ validation
@@ -236,7 +274,7 @@ class MMaDA(GenerationMixin):
     if mesh is None or (self.mesh is not None and mesh == self.mesh):
       mesh, params = self.mesh, self.params
     else:
-      params = shard_params(self.params, transformer.param_axes(self.config), mesh, self.rules)
+      params = shard_params(self.params, quant.param_axes(self.params, self.config), mesh, self.rules)
     if mesh is None:
       yield params, lambda x: x
       return
@@ -273,4 +311,5 @@ class MMaDA(GenerationMixin):
   def __repr__(self) -> str:
     c = self.config
     return (f"MMaDA(n_layers={c.n_layers}, d_model={c.d_model}, heads={c.n_heads}/{c.n_kv_heads}, "
-            f"vocab={c.vocab_size}, params={self.num_params:,}, param_dtype={c.param_dtype}, dtype={c.dtype})")
+            f"vocab={c.vocab_size}, params={self.num_params:,}, param_dtype={c.param_dtype}, dtype={c.dtype}"
+            + (f", quantized={self.quantization.qtype}" if self.quantization is not None else "") + ")")

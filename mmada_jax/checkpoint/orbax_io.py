@@ -8,6 +8,9 @@ Layout of a model directory::
                        optional: prompt layout and sampler defaults (``generation_file``)
   DIR/mmada_jax.json   {"format": "mmada_jax.params", "version": 1, "param_dtype": ...}; written
                        last, so a directory without it is an incomplete save and is refused.
+                       A weight-only quantized model (``mmada_jax.quant``) adds "quantization":
+                       {"qtype", "lm_head", "tile_size"}; its quantized leaves are stored as
+                       {qvalue (int8; int4 widened), scale (float32)} pairs.
 
 Restoring takes an abstract target (shapes, dtypes and, with a mesh, shardings), so each host
 reads only its shards and a checkpoint restores onto any mesh.
@@ -22,6 +25,7 @@ from typing import Any, Mapping
 import jax
 import orbax.checkpoint as ocp
 
+import mmada_jax.quant as quant
 from mmada_jax.checkpoint import generation_file
 from mmada_jax.checkpoint.hf_mmada import original_config
 from mmada_jax.checkpoint.safetensors_io import CheckpointError
@@ -43,6 +47,9 @@ def save_params(params: Any, cfg: MMaDAConfig, path: str, *, hf_config: dict[str
   """Saves params + config (+ the ``generation_config`` section, when given) to ``path``
   atomically (a temp directory renamed at the end)."""
   transformer.check_params(params, cfg)
+  qspec = quant.quantization_of(params)
+  if qspec is not None:
+    params = quant.to_storage(params)
   path = os.path.abspath(path)
   if os.path.exists(path) and os.listdir(path) and not overwrite:
     raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True to replace it)")
@@ -61,8 +68,10 @@ def save_params(params: Any, cfg: MMaDAConfig, path: str, *, hf_config: dict[str
     if generation_config is not None:
       generation_file.write(tmp, generation_config, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
     with open(os.path.join(tmp, MARKER), "w") as f:
-      json.dump({"format": FORMAT, "version": 1, "param_dtype": cfg.param_dtype,
-                 "n_params": cfg.num_params()}, f, indent=2)
+      meta = {"format": FORMAT, "version": 1, "param_dtype": cfg.param_dtype, "n_params": cfg.num_params()}
+      if qspec is not None:
+        meta["quantization"] = qspec.to_dict()
+      json.dump(meta, f, indent=2)
     if os.path.exists(path):
       shutil.rmtree(path)
     os.replace(tmp, path)
@@ -71,13 +80,7 @@ def save_params(params: Any, cfg: MMaDAConfig, path: str, *, hf_config: dict[str
     raise
 
 
-def load_params(path: str, dtype: str | None = None, *, mesh: jax.sharding.Mesh | None = None,
-                rules=None, **config_overrides) -> tuple[Any, MMaDAConfig]:
-  """Restores ``(params, cfg)`` from a directory written by :func:`save_params`.
-
-  ``dtype`` casts the parameters on restore (default: the stored dtype). With ``mesh`` each
-  leaf is restored directly into its sharding.
-  """
+def _read_marker(path: str) -> dict[str, Any]:
   marker = os.path.join(path, MARKER)
   if not os.path.isfile(marker):
     raise CheckpointError(f"{path} is not a complete mmada_jax checkpoint ({MARKER} missing: "
@@ -86,13 +89,40 @@ def load_params(path: str, dtype: str | None = None, *, mesh: jax.sharding.Mesh 
     meta = json.load(f)
   if meta.get("format") != FORMAT:
     raise CheckpointError(f"{marker}: unknown format {meta.get('format')!r}")
+  return meta
+
+
+def stored_quantization(path: str) -> "quant.QuantSpec | None":
+  """The weight-only quantization a saved model directory holds (None: float parameters)."""
+  q = _read_marker(path).get("quantization")
+  return None if q is None else quant.QuantSpec.from_dict(q, where=os.path.join(path, MARKER))
+
+
+def load_params(path: str, dtype: str | None = None, *, mesh: jax.sharding.Mesh | None = None,
+                rules=None, host: bool = False, **config_overrides) -> tuple[Any, MMaDAConfig]:
+  """Restores ``(params, cfg)`` from a directory written by :func:`save_params`.
+
+  ``dtype`` casts the (float) parameters on restore (default: the stored dtype). With ``mesh``
+  each leaf is restored directly into its sharding; with ``host`` onto the CPU device (host
+  memory, e.g. to quantize before placing). A quantized save restores as quantized params.
+  """
+  meta = _read_marker(path)
+  qspec = stored_quantization(path)
   compute = config_overrides.pop("compute_dtype", None)
   pdt = canonical_dtype(dtype or meta["param_dtype"])
   cfg = MMaDAConfig.from_pretrained_dir(path, param_dtype=pdt, dtype=compute or pdt, **config_overrides)
   shapes = transformer.param_shapes(cfg)
   is_shape = lambda t: isinstance(t, tuple) and all(isinstance(i, int) for i in t)
-  if mesh is None:
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  if qspec is not None:
+    structs = quant.abstract_params(cfg, qspec)
+    if mesh is None or host:
+      dev = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0] if host else jax.devices()[0])
+      shard = jax.tree.map(lambda _: dev, structs)
+    else:
+      shard = ShardingContext(mesh, rules).param_shardings(quant.param_axes(qspec, cfg), structs)
+    target = quant.storage_target(quant.abstract_params(cfg, qspec, shard))
+  elif mesh is None or host:
+    dev = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0] if host else jax.devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jax.numpy.dtype(pdt), sharding=dev),
                           shapes, is_leaf=is_shape)
   else:
@@ -103,5 +133,7 @@ def load_params(path: str, dtype: str | None = None, *, mesh: jax.sharding.Mesh 
     params = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), target)
   except Exception as e:
     raise CheckpointError(f"cannot restore parameters from {path}/params: {e}") from e
+  if qspec is not None:
+    params = quant.from_storage(params, qspec)
   transformer.check_params(params, cfg)
   return params, cfg

@@ -9,6 +9,11 @@ parameter pytree. Parameter layout (``L`` = n_layers, stacked for ``lax.scan``):
            ff_norm [L, embed]; ff_proj (gate, SiLU) and up_proj [L, embed, mlp]; ff_out [L, mlp, embed]
   ln_f     [embed]
   lm_head  [embed, vocab]                 untied output projection
+
+Optional, for LoRA / QLoRA (:mod:`mmada_jax.train.lora`): a block matrix ``blocks/<name>`` may be
+a qwix ``QArray`` (dequantized per layer inside the scan), and ``blocks/<name>_lora_a``
+[L, in..., r] / ``blocks/<name>_lora_b`` [L, r, out...] add ``(x·A)·B`` to that projection (the
+α/r scale is already folded into B).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import qwix
 from jax.ad_checkpoint import checkpoint_name
 
 from mmada_jax.model import layers
@@ -83,6 +89,21 @@ def _param(module: nn.Module, name: str, init, shape, dtype, axes):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
+def _dense(w: Any) -> jax.Array:
+  """A block matrix as an array: a quantized one (qwix ``QArray``, a QLoRA base) dequantized."""
+  return qwix.dequantize(w) if isinstance(w, qwix.QArray) else w
+
+
+def _lora(module: nn.Module, name: str, x: jax.Array, y: jax.Array, dt) -> jax.Array:
+  """``y + (x·A)·B`` when the params hold ``<name>_lora_a`` [in..., r] and ``<name>_lora_b``
+  [r, out...] (x's trailing dims = ``in``); else ``y`` unchanged."""
+  if not module.has_variable("params", name + "_lora_a"):
+    return y
+  a = module.get_variable("params", name + "_lora_a").astype(dt)
+  b = module.get_variable("params", name + "_lora_b").astype(dt)
+  return y + jnp.tensordot(jnp.tensordot(x, a, axes=a.ndim - 1), b, axes=1).astype(y.dtype)
+
+
 class Block(nn.Module):
   """One LLaDA llama block: pre-norm bidirectional attention and a gated SiLU MLP."""
   cfg: MMaDAConfig
@@ -102,11 +123,14 @@ class Block(nn.Module):
     w_gate = _param(self, "ff_proj", _normal_init((0,)), (d, f), pdt, BLOCK_AXES["ff_proj"])
     w_up = _param(self, "up_proj", _normal_init((0,)), (d, f), pdt, BLOCK_AXES["up_proj"])
     w_down = _param(self, "ff_out", _normal_init((0,)), (f, d), pdt, BLOCK_AXES["ff_out"])
+    w_q, w_k, w_v, w_o, w_gate, w_up, w_down = (
+        _dense(w) for w in (w_q, w_k, w_v, w_o, w_gate, w_up, w_down))
 
     hx = layers.rms_norm(x, w_attn_norm, cfg.rms_norm_eps)
     q = jnp.einsum("bld,dnh->blnh", hx, w_q.astype(dt))
     kk = jnp.einsum("bld,dkh->blkh", hx, w_k.astype(dt))
     v = jnp.einsum("bld,dkh->blkh", hx, w_v.astype(dt))
+    q, kk, v = (_lora(self, nm, hx, t, dt) for nm, t in (("q_proj", q), ("k_proj", kk), ("v_proj", v)))
     q = constrain(q, ("batch", "length", "act_heads", None))
     q = layers.apply_rope(q, cos, sin)
     kk = layers.apply_rope(kk, cos, sin)
@@ -116,15 +140,16 @@ class Block(nn.Module):
       kk = jnp.concatenate([layer_kv[0].astype(dt), kk], axis=1)
       v = jnp.concatenate([layer_kv[1].astype(dt), v], axis=1)
     a = layers.dot_product_attention(q, kk, v, add, allow, cfg.attention_impl)
-    a = jnp.einsum("blnh,nhd->bld", a, w_o.astype(dt))
+    a = _lora(self, "attn_out", a, jnp.einsum("blnh,nhd->bld", a, w_o.astype(dt)), dt)
     a = checkpoint_name(a, "attn_out")
     x = constrain(x + a, ("batch", "length", "act_embed"))
 
     hx = layers.rms_norm(x, w_ff_norm, cfg.rms_norm_eps)
     gate = jnp.einsum("bld,df->blf", hx, w_gate.astype(dt))
     up = jnp.einsum("bld,df->blf", hx, w_up.astype(dt))
+    gate, up = _lora(self, "ff_proj", hx, gate, dt), _lora(self, "up_proj", hx, up, dt)
     hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-    m = jnp.einsum("blf,fd->bld", hidden, w_down.astype(dt))
+    m = _lora(self, "ff_out", hidden, jnp.einsum("blf,fd->bld", hidden, w_down.astype(dt)), dt)
     m = checkpoint_name(m, "mlp_out")
     x = constrain(x + m, ("batch", "length", "act_embed"))
     return x, new_kv
@@ -269,5 +294,7 @@ def project_logits(params: Params, cfg: MMaDAConfig, hidden: jax.Array, vocab_st
                    vocab_end: int | None = None) -> jax.Array:
   """LM head on final-norm hidden states [B, L, d] -> float32 [B, L, vocab_end - vocab_start]."""
   w = params["lm_head"][:, vocab_start:vocab_end].astype(jnp.dtype(cfg.dtype))
+  if isinstance(w, qwix.QArray):   # weight-only quantized head (mmada_jax.quant): dequantized in dtype
+    w = qwix.dequantize(w)
   return jnp.einsum("bld,dv->blv", hidden.astype(jnp.dtype(cfg.dtype)), w,
                     preferred_element_type=jnp.float32)

@@ -15,6 +15,7 @@ back, strictly; :func:`model_config` reads the ``model`` section alone):
 | ``checkpoint`` | :class:`mmada_jax.train.checkpointing.CheckpointConfig` |
 | ``distributed`` | :class:`mmada_jax.train.distributed.DistributedConfig` |
 | ``sampling`` | :class:`mmada_jax.train.samples.SamplingConfig` |
+| ``lora`` | :class:`mmada_jax.train.lora.LoraConfig` (rank 0 = off: full fine-tuning) |
 | ``rl`` (UniGRPO stages only) | :class:`mmada_jax.rl.config.GRPOConfig` |
 | ``demo`` (the demo's t2i rewards only) | :class:`mmada_jax.demo.rewards.DemoConfig` |
 
@@ -32,6 +33,7 @@ from mmada_jax.model.config import MMaDAConfig
 from mmada_jax.rl.config import GRPOConfig
 from mmada_jax.train.checkpointing import CheckpointConfig
 from mmada_jax.train.distributed import DistributedConfig
+from mmada_jax.train.lora import LoraConfig
 from mmada_jax.train.optim import OptimizerConfig
 from mmada_jax.train.samples import SamplingConfig
 from mmada_jax.train.toy_data import ToyConfig
@@ -97,6 +99,7 @@ class TrainConfig:
   checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
   distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
   sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+  lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
   rl: GRPOConfig | None = None
   demo: Any = plugin_section("mmada_jax.demo.rewards:DemoConfig", "the demo's t2i reward settings")
 

@@ -9,6 +9,11 @@
   plus the stage's frozen pytree (``Stage.init_frozen``), always built from the run's *initial*
   parameters.
 * :func:`run_meta`: what ``WORKDIR/config.json`` and every checkpoint record about the run.
+
+With ``config.lora.rank > 0`` (:mod:`mmada_jax.train.lora`) the state's params are the adapters,
+the stage is wrapped to see base ∪ adapters, and the frozen pytree carries the base (loaded from
+``init_from`` or the seeded random init, cast / quantized, fingerprinted; a resume checks the
+checkpoint's base fingerprint).
 """
 from __future__ import annotations
 
@@ -23,12 +28,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from ml_collections import ConfigDict
 
+from mmada_jax.model import transformer
 from mmada_jax.model.config import MMaDAConfig
 from mmada_jax.sharding import ShardingContext, make_mesh, use_sharding
-from mmada_jax.train import checkpointing, distributed, optim, state as state_lib
+from mmada_jax.train import checkpointing, distributed, lora as lora_lib, optim, state as state_lib
 from mmada_jax.train.config import model_config, parse_config
 from mmada_jax.train.stages import Stage, get_stage
 from mmada_jax.train.state import TrainState
@@ -73,7 +80,8 @@ class RunSetup:
 
   ``say`` prints a start-up line on process 0 (nothing elsewhere). ``total``: ``config.steps``;
   ``grad_accum``: ``config.optimizer.grad_accum``. ``abstract`` / ``shardings``: the TrainState of
-  ShapeDtypeStructs (shardings attached) and of NamedShardings.
+  ShapeDtypeStructs (shardings attached) and of NamedShardings. ``lora``: the LoRA plan (None =
+  full fine-tuning; else the state's params are its adapters and ``stage`` is wrapped).
   """
   config: ConfigDict
   workdir: str
@@ -91,6 +99,7 @@ class RunSetup:
   ckpt: checkpointing.Checkpointer
   data_iter: Iterator
   say: Callable[[str], None]
+  lora: lora_lib.LoraPlan | None = None
 
   def write_status(self, what: str, step: int) -> None:
     """``WORKDIR/status.json`` = ``{"status": what, "step": step, "time": ...}`` (process 0)."""
@@ -116,30 +125,43 @@ def setup(config: ConfigDict, workdir: str) -> RunSetup:
   say(f"distributed: {dist}; mesh {dict(mesh.shape)} over {jax.device_count()} devices "
       f"({jax.devices()[0].device_kind}); stage {stage.name!r}; {model_cfg.num_params() / 1e6:.2f}M params")
   say(f"preset {config.sharding_preset!r}, overrides {str(config.sharding_rules)!r}; " + shard_ctx.describe())
-  tx, schedule = optim.make_optimizer(config.optimizer, state_lib.abstract_params(model_cfg), total)
-  abstract, shardings = state_lib.state_shardings(model_cfg, tx, mesh, shard_ctx.rules)
+  plan = lora_lib.plan_from_config(config, model_cfg)
+  trained, axes = None, None
+  if plan is not None:
+    stage = plan.wrap_stage(stage)
+    trained, axes = plan.abstract_adapters(), plan.adapter_axes()
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trained))
+    say(f"LoRA rank {plan.cfg.rank} (alpha {plan.cfg.alpha}) on {'|'.join(plan.targets)}: {n / 1e6:.3f}M "
+        f"trained params; base frozen in {plan.base_dtype()}, quantized {plan.cfg.base_qtype}")
+  tx, schedule = optim.make_optimizer(
+      config.optimizer, state_lib.abstract_params(model_cfg) if trained is None else trained, total)
+  abstract, shardings = state_lib.state_shardings(model_cfg, tx, mesh, shard_ctx.rules, params=trained, axes=axes)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
   data_iter = stage.make_batches(jax.process_index(), jax.process_count())
   return RunSetup(config=config, workdir=workdir, is_main=is_main, model_cfg=model_cfg, mesh=mesh,
                   shard_ctx=shard_ctx, stage=stage, total=total, grad_accum=int(config.optimizer.grad_accum),
                   tx=tx, schedule=schedule, abstract=abstract, shardings=shardings, ckpt=ckpt,
-                  data_iter=data_iter, say=say)
+                  data_iter=data_iter, say=say, lora=plan)
 
 
 @dataclasses.dataclass(frozen=True)
 class Start:
   """Where the step loop starts: ``step`` (0, or the restored checkpoint's), the device
   ``state``, the stage's ``frozen`` pytree (None without ``init_frozen``), and ``resumed`` (True
-  when the run's own checkpoint was restored: that step is already saved)."""
+  when the run's own checkpoint was restored: that step is already saved). ``lora_meta``: the
+  LoRA entry every checkpoint's meta records (:meth:`LoraPlan.meta`), None without LoRA."""
   step: int
   state: TrainState
   frozen: Any
   resumed: bool
+  lora_meta: dict | None = None
 
 
 def restore_or_init(run: RunSetup) -> Start:
   """The run's own newest restorable checkpoint (its data-iterator state too), else the
   parameters of ``config.init_from``, else the random init from ``config.seed``."""
+  if run.lora is not None:
+    return _lora_start(run)
   config, seed = run.config, int(run.config.seed)
   with use_sharding(run.shard_ctx):
     restored = run.ckpt.restore_latest(run.abstract)
@@ -160,6 +182,43 @@ def restore_or_init(run: RunSetup) -> Start:
   return Start(step=step, state=state, frozen=frozen, resumed=restored is not None)
 
 
+def _lora_start(run: RunSetup) -> Start:
+  """LoRA: the base (``init_from`` or the seeded random init, as :func:`restore_or_init`'s full
+  run would start) cast / quantized and fingerprinted; the adapters from the run's own newest
+  checkpoint (whose base fingerprint must match) or freshly initialised (B = 0)."""
+  plan, config, seed = run.lora, run.config, int(run.config.seed)
+  base_path = str(config.init_from)
+  if base_path and "://" not in base_path:
+    base_path = os.path.abspath(base_path)
+  with use_sharding(run.shard_ctx):
+    plain = plan.abstract_base(run.shard_ctx, quantized=False)
+    if base_path:
+      base_cfg = dataclasses.replace(run.model_cfg, param_dtype=plan.base_dtype())
+      params = checkpointing.load_init_params(base_path, base_cfg, plain, run.mesh, run.shard_ctx.rules)
+    else:
+      dt = jnp.dtype(plan.base_dtype())
+      params = jax.jit(lambda k: jax.tree.map(lambda x: x.astype(dt), transformer.init_params(
+          run.model_cfg, jax.random.fold_in(k, 1))), out_shardings=jax.tree.map(lambda a: a.sharding, plain))(
+              jax.random.PRNGKey(seed))
+    base_hash = lora_lib.fingerprint(params)
+    base = plan.place_base(params, run.shard_ctx)
+    restored = run.ckpt.restore_latest(run.abstract)
+    if restored is not None:
+      step, state, data_state, meta = restored
+      plan.check_meta(meta, base_path, base_hash, f"checkpoint step {step} in {run.ckpt.directory}")
+      run.data_iter.set_state(data_state)
+      run.say(f"resumed LoRA adapters from {run.ckpt.directory} step {step}")
+    else:
+      step = 0
+      adapters = jax.jit(plan.init_adapters, out_shardings=run.shardings.params)(
+          jax.random.fold_in(jax.random.PRNGKey(seed), 2))
+      state = state_lib.init_state(run.model_cfg, run.tx, run.shardings, seed, adapters)
+      run.say(f"LoRA base {base_path or '(seeded random init)'} (content hash {base_hash[:16]}…)")
+    frozen = run.stage.init_frozen(base)     # the base is never donated: no copy
+  return Start(step=step, state=state, frozen=frozen, resumed=restored is not None,
+               lora_meta=plan.meta(base_path, base_hash))
+
+
 def _init_from_params(run: RunSetup) -> Any | None:
   """The parameters of ``config.init_from`` placed by the run's shardings, or None without one."""
   if not run.config.init_from:
@@ -168,11 +227,13 @@ def _init_from_params(run: RunSetup) -> Any | None:
                                         run.mesh, run.shard_ctx.rules)
 
 
-def run_meta(run: RunSetup, step: int) -> dict:
-  """The run's description: config, model config, mesh, processes, device kind, versions, commit."""
+def run_meta(run: RunSetup, step: int, lora: dict | None = None) -> dict:
+  """The run's description: config, model config, mesh, processes, device kind, versions, commit
+  (and ``lora``: the adapters' base, :attr:`Start.lora_meta`, when given)."""
   import flax
   import orbax.checkpoint as ocp
-  return {"step": int(step), "config": json.loads(run.config.to_json_best_effort()),
+  extra = {} if lora is None else {"lora": lora}
+  return {**extra, "step": int(step), "config": json.loads(run.config.to_json_best_effort()),
           "model_config": dataclasses.asdict(run.model_cfg), "mesh": dict(run.mesh.shape),
           "process_count": jax.process_count(), "device_kind": jax.devices()[0].device_kind,
           "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,

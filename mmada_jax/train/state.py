@@ -37,14 +37,16 @@ def abstract_params(cfg: MMaDAConfig) -> Any:
 
 
 def state_shardings(cfg: MMaDAConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                    rules=None) -> tuple[TrainState, TrainState]:
+                    rules=None, params: Any = None, axes: Any = None) -> tuple[TrainState, TrainState]:
   """(abstract TrainState with shardings attached, TrainState of NamedShardings).
 
-  Optimizer moments follow their parameter's sharding (``optax.tree_map_params``); counters
-  and the RNG are replicated.
+  The trained ``params`` (abstract) and their logical ``axes`` default to the model's (LoRA
+  passes its adapters). Optimizer moments follow their parameter's sharding
+  (``optax.tree_map_params``); counters and the RNG are replicated.
   """
-  params = abstract_params(cfg)
-  p_shard = ShardingContext(mesh, rules).param_shardings(transformer.param_axes(cfg), params)
+  params = abstract_params(cfg) if params is None else params
+  axes = transformer.param_axes(cfg) if axes is None else axes
+  p_shard = ShardingContext(mesh, rules).param_shardings(axes, params)
   opt = jax.eval_shape(tx.init, params)
   rep = replicated(mesh)
   o_shard = optax.tree_map_params(tx, lambda _, s: s, opt, p_shard, transform_non_params=lambda _: rep,

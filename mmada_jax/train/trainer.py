@@ -90,7 +90,7 @@ def run(config: ConfigDict, workdir: str) -> int:
   """Trains per ``config`` in ``workdir``; returns the exit code (module docstring)."""
   r = setup(config, workdir)
   start = restore_or_init(r)
-  meta = run_meta(r, start.step)
+  meta = run_meta(r, start.step, start.lora_meta)
   if r.is_main:
     with open(os.path.join(r.workdir, "config.json"), "w") as f:
       json.dump(meta, f, indent=2, sort_keys=True)
@@ -106,6 +106,9 @@ def run(config: ConfigDict, workdir: str) -> int:
     if int(config.sampling.every) > 0:
       from mmada_jax.train.samples import make_sampler
       sampler = make_sampler(config, r.model_cfg, r.mesh, r.workdir, writer, progress.write)
+      if sampler is not None and r.lora is not None:   # LoRA: the state holds adapters; sample base ∪ adapters
+        sample, plan, base = sampler, r.lora, start.frozen["base"]
+        sampler = lambda adapters, step: sample(plan.compose(base, adapters), step)  # noqa: E731
     StepLoop(r, start, metrics, preempt, sampler, progress.write, meta).run()
   except NonFiniteLoss as e:
     code = EXIT_NONFINITE
