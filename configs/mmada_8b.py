@@ -37,6 +37,7 @@ UniGRPO (stage 3, spec §8; reconstruction documented in docs/unigrpo.md), from 
 | stage3_grpo      | text | rl_math_prompts.jsonl (GSM8K…)  | correctness 2.0 + format 0.5              |
 | stage3_grpo_mmu  | mmu  | rl_mmu_prompts.jsonl (GeoQA…)   | MMU correctness 2.0 + format 0.5          |
 | stage3_grpo_t2i  | t2i  | rl_t2i_prompts.jsonl            | CLIP 0.1 + ImageReward 0.1 (user scorers) |
+| stage3_unigrpo   | all three, one stage (``rl.tasks``, equal weights) | the three files | each task's own; t2i: ``clip`` + ``image_reward`` on the devices (``clip/``, ``preference_head.safetensors``) |
 
 G = 16 responses per prompt, μ = 5 inner updates, ε = 0.2, β = 0.04 (k3 KL to the frozen SFT
 reference), AdamW lr 1e-6 without weight decay or warm-up, grad-acc 4, 50k steps. The t2i variant
@@ -107,7 +108,7 @@ def _data(c, stage: str, data_root: str) -> None:
 # tensor parallelism (see the table there).
 REMAT = "dots_with_no_batch_dims"
 
-GRPO_STAGES = {"stage3_grpo": "text", "stage3_grpo_mmu": "mmu", "stage3_grpo_t2i": "t2i"}
+GRPO_STAGES = {"stage3_grpo": "text", "stage3_grpo_mmu": "mmu", "stage3_grpo_t2i": "t2i", "stage3_unigrpo": ""}
 VARIANTS = tuple(STAGES) + tuple(GRPO_STAGES)
 
 
@@ -131,7 +132,7 @@ def _grpo_config(args) -> "common.ml_collections.ConfigDict":
                                         schedule_steps=50_000)
   c.stage = common.stage_config(name="unigrpo", lm_format="lm_chat")
   c.rl = common.rl_config()
-  c.rl.task = task
+  c.rl.task = task or "text"
   c.rl.group_size, c.rl.inner_updates = 16, 5
   c.rl.prompts_per_step = int(args.devices) // 4
   c.rl.prompt_file = f"{args.data_root}/rl_{task}_prompts.jsonl".replace("rl_text_", "rl_math_")
@@ -142,6 +143,17 @@ def _grpo_config(args) -> "common.ml_collections.ConfigDict":
   else:
     c.rl.gen_length, c.rl.block_length, c.rl.gen_steps = 256, 64, 128
     c.rl.cache, c.rl.threshold = "prefix", 0.95
+  if not task:   # stage3_unigrpo: the three tasks in one stage, equal weights (docs/unigrpo.md)
+    c.rl.prompts_per_step = 3 * (int(args.devices) // 4)   # each task the single-task variants' rows
+    c.rl.prompt_file, c.rl.image_tokenizer = "", f"{args.data_root}/magvitv2"
+    c.rl.clip_model, c.rl.preference_head = f"{args.data_root}/clip", f"{args.data_root}/preference_head.safetensors"
+    text = dict(gen_length=256, block_length=64, gen_steps=128, cache="prefix", threshold=0.95)
+    c.rl.tasks = (
+        dict(name="text", task="text", prompt_file=f"{args.data_root}/rl_math_prompts.jsonl", max_prompt_len=512, **text),
+        dict(name="mmu", task="mmu", prompt_file=f"{args.data_root}/rl_mmu_prompts.jsonl", max_prompt_len=512 + 1027,
+             **text),
+        dict(name="t2i", task="t2i", prompt_file=f"{args.data_root}/rl_t2i_prompts.jsonl", max_text_len=512,
+             rewards="clip,image_reward"))
   c.checkpoint = common.checkpoint_config(max_to_keep=3, keep_period=10_000)
   c.sampling = common.sampling_config(every=0)
   return c

@@ -406,7 +406,9 @@ def test_t2i_rollout_batch():
   stage = GRPOStage(TOY_CFG, cfg, lambda i: records, [clf], specials=TOY_SP, image_decoder=decoder)
   params = _toy_params(0)
   frozen = stage.init_frozen(params)
-  batch = stage.batch_for(params, frozen, {"index": 0, "inner": 0, "records": records})
+  stepped = stage.batch_for(params, frozen, {"index": 0, "inner": 0, "records": records}, micro=1)
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(stepped))   # on the devices, step layout
+  batch = jax.tree.map(lambda x: np.asarray(x)[0], stepped)
   length = 4 + 1 + 1 + 4 + 1
   assert batch["input_ids"].shape == (4, length) and batch["targets"].shape == (4, 4)
   assert np.all(batch["response_start"] == length - 5)
@@ -419,7 +421,7 @@ def test_t2i_rollout_batch():
   assert float(m["kl"]) == pytest.approx(0.0, abs=1e-6)
   assert 0 < float(m["entropy"]) <= math.log(8) + 1e-4                  # entropy over the 8 codes only
   from mmada_jax.train.stages import check_batch
-  check_batch(batch, stage.batch_spec(), 1)                              # what pre_step returns = the spec
+  check_batch(stepped, stage.batch_spec(), 1)                            # what pre_step returns = the spec
   assert stage.logit_shape == (4, 8) and stage.sequences(stage.batch_spec()) == (4, length)
   with pytest.raises(ValueError, match=r"leaf \['targets'\]: got int64"):
     check_batch(dict(batch, targets=batch["targets"].astype(np.int64)), stage.batch_spec(), 1)

@@ -11,7 +11,7 @@ from mmada_jax.rl import rewards as rew_lib
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
-  """The ``config.demo`` section (``configs/demo.py:grpo_t2i``): ``classifier``, the pickle of
+  """The ``config.demo`` section (``configs/demo.py:grpo`` and ``grpo_t2i``): ``classifier``, the pickle of
   the demo's digit classifier that scores the generated images."""
   classifier: str = ""
 

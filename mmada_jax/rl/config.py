@@ -6,6 +6,12 @@ Every field of :class:`GRPOConfig` is a key of ``config.rl`` with the same name,
 key or a wrongly typed value is an error naming it). The
 objective and masking settings are views of the flat fields (:attr:`GRPOConfig.loss`,
 :attr:`GRPOConfig.masking`). The reasons behind the defaults are in ``docs/unigrpo.md``.
+
+Unified UniGRPO (several tasks in one stage): ``rl.tasks`` is a list of :class:`TaskConfig`
+sections, each a task source with its own kind, prompts, weight, sampler settings and rewards;
+:meth:`GRPOConfig.task_list` resolves them into one complete :class:`GRPOConfig` per task (the
+shared keys — group size, objective, masking, μ, seed — from ``rl.*``). With ``rl.tasks`` empty the
+flat ``rl.task`` / sampler / prompt / reward keys are the one task, named after ``rl.task``.
 """
 from __future__ import annotations
 
@@ -23,6 +29,49 @@ MASK_RATIO = {"paper_even": ("unigrpo", "linspace"), "paper_stratified": ("unigr
               "random": ("random", "linspace")}
 """``rl.mask_ratio`` -> (``MaskingConfig.method``, ``MaskingConfig.spacing``)."""
 PROMPT_SOURCES = ("jsonl", "toy_digits")
+TASK_FIELDS = ("task", "prompt_source", "prompt_file", "rewards", "max_prompt_len", "gen_length", "block_length",
+               "gen_steps", "temperature", "remasking", "guidance_scale", "cache", "threshold", "max_text_len",
+               "t2i_steps", "t2i_guidance_scale", "t2i_temperature", "noise_schedule", "response_tail",
+               "thinking_prompt", "toy_digits")
+"""The :class:`GRPOConfig` keys a :class:`TaskConfig` sets for its task (same names and defaults)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+  """One task source of ``rl.tasks`` (a unified UniGRPO stage): ``name`` (unique; metrics
+  ``<metric>/<name>``), ``weight`` (> 0: the task's share of ``rl.prompts_per_step``, see
+  :func:`mmada_jax.rl.prompts.mixture_counts`), and the task's own values of the
+  :data:`TASK_FIELDS` keys of :class:`GRPOConfig` (same meaning and defaults: kind, prompt
+  source / file, rewards, text / MMU or T2I sampler settings, response tail)."""
+  name: str = ""
+  weight: float = 1.0
+  task: Literal["text", "mmu", "t2i"] = "text"
+  prompt_source: Literal["", "jsonl", "toy_digits"] = ""
+  prompt_file: str = ""
+  rewards: str = ""
+  max_prompt_len: int = 0
+  gen_length: int = 128
+  block_length: int = 64
+  gen_steps: int = 128
+  temperature: float = 0.8
+  remasking: str = "low_confidence"
+  guidance_scale: float = 0.0
+  cache: Literal["none", "prefix", "dual"] = "none"
+  threshold: float = 0.0
+  max_text_len: int = 0
+  t2i_steps: int = 15
+  t2i_guidance_scale: float = 3.5
+  t2i_temperature: float = 1.0
+  noise_schedule: str = "cosine"
+  response_tail: Literal["mask", "train"] = "mask"
+  thinking_prompt: bool = True
+  toy_digits: int = 10
+
+  def __post_init__(self):
+    if not self.name or "/" in self.name or "," in self.name:
+      raise ValueError(f"rl.tasks: name={self.name!r} must be non-empty without '/' or ','")
+    if not self.weight > 0:
+      raise ValueError(f"rl.tasks[{self.name!r}].weight={self.weight} must be > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +104,10 @@ class GRPOConfig:
     :func:`mmada_jax.rl.prompts.load_jsonl_records`); ``text_tokenizer`` ('' =
     ``config.data.text_tokenizer``); ``thinking_prompt`` (prepend the "think" sentence);
     ``toy_digits`` (digits of the toy task); ``seed`` (rollout keys and prompt order).
+  * image scorers (rewards ``clip`` / ``image_reward``): ``clip_model`` (a local Hugging Face
+    CLIP directory), ``preference_head`` (the ImageReward-style head's safetensors file, see
+    :mod:`mmada_jax.scorers.preference`), ``reward_clip`` / ``reward_image`` (their weights).
+  * ``tasks``: the unified stage's task sources (:class:`TaskConfig`); empty = the one task above.
   """
   task: Literal["text", "mmu", "t2i"] = "text"
   group_size: int = 16
@@ -98,6 +151,11 @@ class GRPOConfig:
   thinking_prompt: bool = True
   toy_digits: int = 10
   seed: int = 0
+  clip_model: str = ""
+  preference_head: str = ""
+  reward_clip: float = 0.1
+  reward_image: float = 0.1
+  tasks: tuple[TaskConfig, ...] = ()
   RENAMED_KEYS: ClassVar[dict[str, str]] = {"cfg_scale": "guidance_scale", "t2i_timesteps": "t2i_steps"}
   """Sampler keys named as in :class:`mmada_jax.api.GenerationConfig`; the t2i sampler's guidance,
   once ``guidance_scale``, is ``t2i_guidance_scale`` (``guidance_scale`` is now the text
@@ -128,6 +186,35 @@ class GRPOConfig:
       self.loss, self.masking  # noqa: B018 - validates the derived settings
     except ValueError as e:
       raise ValueError(f"config.rl: {e}") from e
+    if self.tasks:
+      names = [t.name for t in self.tasks]
+      if len(set(names)) != len(names):
+        raise ValueError(f"rl.tasks: task names must be unique, got {names}")
+      self.task_list()  # noqa: B018 - validates every task's settings
+
+  def task_list(self) -> list[tuple[str, float, "GRPOConfig"]]:
+    """(name, weight, the task's complete settings) per task: ``rl.tasks`` resolved (each task's
+    :data:`TASK_FIELDS` over the shared keys; its ``tasks`` empty), or the one flat task
+    ``(rl.task, 1.0, self)``. A task whose settings are invalid is an error naming it."""
+    if not self.tasks:
+      return [(self.task, 1.0, self)]
+    out = []
+    for item in self.tasks:
+      t: TaskConfig = item
+      values = dict(task=t.task, prompt_source=t.prompt_source, prompt_file=t.prompt_file, rewards=t.rewards,
+                    max_prompt_len=t.max_prompt_len, gen_length=t.gen_length, block_length=t.block_length,
+                    gen_steps=t.gen_steps, temperature=t.temperature, remasking=t.remasking,
+                    guidance_scale=t.guidance_scale, cache=t.cache, threshold=t.threshold,
+                    max_text_len=t.max_text_len, t2i_steps=t.t2i_steps, t2i_guidance_scale=t.t2i_guidance_scale,
+                    t2i_temperature=t.t2i_temperature, noise_schedule=t.noise_schedule,
+                    response_tail=t.response_tail, thinking_prompt=t.thinking_prompt, toy_digits=t.toy_digits)
+      assert tuple(values) == TASK_FIELDS
+      try:
+        cfg = dataclasses.replace(self, tasks=(), **values)
+      except ValueError as e:
+        raise ValueError(f"rl.tasks[{t.name!r}]: {e}") from e
+      out.append((t.name, float(t.weight), cfg))
+    return out
 
   @property
   def loss(self) -> LossConfig:

@@ -127,27 +127,17 @@ def response_logprobs(params: Any, cfg: MMaDAConfig, input_ids: jax.Array, respo
   return token_logprobs(logits, targets - start, with_entropy)
 
 
-def grpo_objective(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None,
-                   advantages: jax.Array, loss_mask: jax.Array, config: LossConfig,
-                   seq_weight: jax.Array | None = None, entropy: jax.Array | None = None
-                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The clipped policy objective with the k3 KL penalty (module docstring).
-
-  Args:
-    logp: float [B, R] log π_θ at the response tokens (differentiated).
-    old_logp, ref_logp: float [B, R] log π_old / log π_ref on the same inputs (treated as data;
-      ref_logp may be None when ``config.needs_ref`` is False).
-    advantages: float [B]; loss_mask: bool/float [B, R] (1 = masked and scored).
-    seq_weight: float [B] (default 1); entropy: float [B, R] for the metric, optional.
-  Returns:
-    (loss float32 scalar, metrics dict of float32 scalars).
-  """
+def grpo_rows(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None, advantages: jax.Array,
+              loss_mask: jax.Array, config: LossConfig, entropy: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Per-row terms of the objective (module docstring), float32 [B] each: ``objective`` (pol_i −
+  β kl_i), ``pol``, ``kl_mean`` (per-token mean k3), ``count`` (|M_i|), and the token sums behind
+  the token-mean metrics: ``clip_tokens``, ``ratio_sum``, ``entropy_sum`` (when ``entropy``);
+  ``adv`` (A_i). Arguments as :func:`grpo_objective`'s."""
   f32 = jnp.float32
   logp = logp.astype(f32)
   old = jax.lax.stop_gradient(old_logp.astype(f32))
   m = loss_mask.astype(f32)
   adv = jax.lax.stop_gradient(advantages.astype(f32))[:, None]
-  w = jnp.ones(logp.shape[:1], f32) if seq_weight is None else seq_weight.astype(f32)
   lim = f32(config.max_log_ratio)
   eps = f32(config.epsilon)
 
@@ -172,31 +162,61 @@ def grpo_objective(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | N
   kl_sum = jnp.sum(m * k3, axis=-1)
   kl_mean = kl_sum / denom
   kl_term = kl_mean if config.kl_reduce == "mean" else kl_sum
+  active = ((ratio > 1.0 + eps) & (adv > 0)) | ((ratio < 1.0 - eps) & (adv < 0))
+  out = {"objective": pol - f32(config.beta) * kl_term, "pol": pol, "kl_mean": kl_mean, "count": count,
+         "clip_tokens": jnp.sum(m * active.astype(f32), axis=-1),
+         "ratio_sum": jax.lax.stop_gradient(jnp.sum(m * ratio, axis=-1)), "adv": adv[:, 0]}
+  if entropy is not None:
+    out["entropy_sum"] = jnp.sum(m * jax.lax.stop_gradient(entropy.astype(f32)), axis=-1)
+  return out
 
+
+def reduce_rows(rows: dict[str, jax.Array], seq_weight: jax.Array | None = None
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(loss, metrics) from :func:`grpo_rows` terms [B] (possibly several tasks' rows concatenated):
+  ``loss = −Σ w_i objective_i / Σ w_i``; sequence means of pol / kl / |M| / |A|, token means
+  (over the masked tokens of weighted rows) of the clip fraction, ρ and the entropy."""
+  f32 = jnp.float32
+  b = rows["objective"].shape[0]
+  w = jnp.ones((b,), f32) if seq_weight is None else seq_weight.astype(f32)
   w_total = jnp.sum(w)
   safe = jnp.maximum(w_total, 1e-12)
 
   def seq_mean(x):
     return jnp.where(w_total > 0, jnp.sum(w * x) / safe, 0.0)
 
-  objective = pol - f32(config.beta) * kl_term
-  loss = -seq_mean(objective)
-
-  tok_w = m * w[:, None]
-  tok_total = jnp.sum(tok_w)
+  tok_total = jnp.sum(w * rows["count"])
 
   def tok_mean(x):
-    return jnp.where(tok_total > 0, jnp.sum(tok_w * x) / jnp.maximum(tok_total, 1e-12), 0.0)
+    return jnp.where(tok_total > 0, jnp.sum(w * x) / jnp.maximum(tok_total, 1e-12), 0.0)
 
-  active = ((ratio > 1.0 + eps) & (adv > 0)) | ((ratio < 1.0 - eps) & (adv < 0))
+  loss = -seq_mean(rows["objective"])
   metrics = {
-      "policy_loss": -seq_mean(pol),
-      "kl": seq_mean(kl_mean),
-      "clip_frac": tok_mean(active.astype(f32)),
-      "ratio_mean": tok_mean(ratio),
-      "masked_tokens": seq_mean(count),
-      "advantage_abs": seq_mean(jnp.abs(adv[:, 0])),
+      "policy_loss": -seq_mean(rows["pol"]),
+      "kl": seq_mean(rows["kl_mean"]),
+      "clip_frac": tok_mean(rows["clip_tokens"]),
+      "ratio_mean": tok_mean(rows["ratio_sum"]),
+      "masked_tokens": seq_mean(rows["count"]),
+      "advantage_abs": seq_mean(jnp.abs(rows["adv"])),
   }
-  if entropy is not None:
-    metrics["entropy"] = tok_mean(jax.lax.stop_gradient(entropy.astype(f32)))
-  return loss, {k: v.astype(f32) for k, v in metrics.items()}
+  if "entropy_sum" in rows:
+    metrics["entropy"] = tok_mean(rows["entropy_sum"])
+  return loss, {k: jax.lax.stop_gradient(v).astype(f32) for k, v in metrics.items()}
+
+
+def grpo_objective(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None,
+                   advantages: jax.Array, loss_mask: jax.Array, config: LossConfig,
+                   seq_weight: jax.Array | None = None, entropy: jax.Array | None = None
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The clipped policy objective with the k3 KL penalty (module docstring).
+
+  Args:
+    logp: float [B, R] log π_θ at the response tokens (differentiated).
+    old_logp, ref_logp: float [B, R] log π_old / log π_ref on the same inputs (treated as data;
+      ref_logp may be None when ``config.needs_ref`` is False).
+    advantages: float [B]; loss_mask: bool/float [B, R] (1 = masked and scored).
+    seq_weight: float [B] (default 1); entropy: float [B, R] for the metric, optional.
+  Returns:
+    (loss float32 scalar, metrics dict of float32 scalars).
+  """
+  return reduce_rows(grpo_rows(logp, old_logp, ref_logp, advantages, loss_mask, config, entropy), seq_weight)

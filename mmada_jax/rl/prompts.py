@@ -4,6 +4,8 @@
   ``(index, inner)``, this process's slice of it; checkpointable;
 * sources (``batch_index -> list of global records``): :func:`list_source` over records from
   :func:`load_jsonl_records` (a JSONL file) or :func:`toy_digit_records` (the copy-the-digit task);
+* the task mixture of a unified stage: :func:`mixture_counts` (each task's prompts per step from
+  its weight) and :func:`mixture_source` (``batch_index -> {task: list of global records}``);
 * :func:`pad_prompts`: left-padding to the one compiled prompt width.
 """
 from __future__ import annotations
@@ -28,33 +30,54 @@ for T2I), ``prompt`` (str), and optionally ``answer``, ``choices``, ``label``.""
 class PromptIterator:
   """Yields ``{"index": b, "inner": n, "records": [...]}`` — prompt batch b, each μ times.
 
-  ``source(batch_index) -> list of global records`` (prompts_per_step of them); this process keeps
-  its contiguous slice. Checkpointable: the state is the number of batches yielded.
+  ``source(batch_index) -> list of global records`` (prompts_per_step of them), or a mixture's
+  ``{task: list}``; this process keeps its contiguous slice (of every task's list). Checkpointable:
+  the state is the number of batches yielded — every source is a pure function of the batch
+  index, so that number restores the mixture exactly (which task's prompts, in which order).
   """
 
-  def __init__(self, source: Callable[[int], Sequence[Record]], inner_updates: int,
-               process_index: int = 0, process_count: int = 1):
+  def __init__(self, source: Callable[[int], Any], inner_updates: int,
+               process_index: int = 0, process_count: int = 1, stage: Any = None):
     self.source, self.mu = source, int(inner_updates)
     self.pi, self.pc = int(process_index), int(process_count)
     self.calls = 0
+    self.stage = stage   # GRPOStage: its mid-cycle state and step metrics travel with this iterator
 
   def __iter__(self) -> "PromptIterator":
     return self
 
   def __next__(self) -> dict[str, Any]:
     index, inner = divmod(self.calls, self.mu)
-    records = list(self.source(index))
-    if len(records) % self.pc:
-      raise ValueError(f"{len(records)} prompts per step do not split over {self.pc} processes")
-    per = len(records) // self.pc
+    got = self.source(index)
+    if isinstance(got, Mapping):
+      records = {k: self._slice(list(v), f"task {k!r}: ") for k, v in got.items()}
+    else:
+      records = self._slice(list(got), "")
     self.calls += 1
-    return {"index": index, "inner": inner, "records": records[self.pi * per:(self.pi + 1) * per]}
+    return {"index": index, "inner": inner, "records": records}
 
-  def get_state(self) -> dict[str, int]:
-    return {"calls": self.calls}
+  def _slice(self, records: list, what: str) -> list:
+    if len(records) % self.pc:
+      raise ValueError(f"{what}{len(records)} prompts per step do not split over {self.pc} processes")
+    per = len(records) // self.pc
+    return records[self.pi * per:(self.pi + 1) * per]
+
+  def get_state(self) -> dict[str, Any]:
+    """``{"calls": n}``, and in mid-cycle (n not a multiple of μ) the stage's ``cycle``
+    (:meth:`mmada_jax.rl.stage.GRPOStage.cycle_state`)."""
+    out: dict[str, Any] = {"calls": self.calls}
+    if self.stage is not None and self.calls % self.mu:
+      out["cycle"] = self.stage.cycle_state()
+    return out
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     self.calls = int(state["calls"])
+    if self.stage is not None:
+      self.stage.restore_cycle(state.get("cycle"))
+
+  def metrics(self) -> dict[str, float]:
+    """The stage's host scalars of the latest step (``time/*``), or none without a stage."""
+    return self.stage.metrics() if self.stage is not None else {}
 
 
 def list_source(records: Sequence[Record], prompts_per_step: int, seed: int = 0,
@@ -72,6 +95,36 @@ def list_source(records: Sequence[Record], prompts_per_step: int, seed: int = 0,
       order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
       out.append(records[int(order[pos])])
     return out
+  return source
+
+
+def mixture_counts(weights: Sequence[float], total: int) -> list[int]:
+  """Prompts per step of each task: ``total`` apportioned by ``weights`` (largest remainder; ties
+  to the earlier task). Fixed per step (every task compiles to one shape); a task that would get
+  no prompt is an error naming the weights."""
+  w = np.asarray(weights, np.float64)
+  if w.ndim != 1 or not w.size or np.any(~(w > 0)):
+    raise ValueError(f"task weights must be positive, got {list(weights)}")
+  quota = w / w.sum() * int(total)
+  counts = np.floor(quota + 1e-9).astype(int)
+  order = sorted(range(w.size), key=lambda i: (-(quota[i] - counts[i]), i))
+  for i in order[:int(total) - int(counts.sum())]:
+    counts[i] += 1
+  if np.any(counts < 1):
+    raise ValueError(f"rl.prompts_per_step={total} gives task(s) {np.flatnonzero(counts < 1).tolist()} no prompt "
+                     f"with weights {list(weights)}; raise prompts_per_step or those weights")
+  return counts.tolist()
+
+
+def mixture_source(sources: Mapping[str, Callable[[int], Sequence[Record]]]) -> Callable[[int], dict[str, list]]:
+  """``batch_index -> {task: that task's global records of batch index}`` (each task's own
+  ``list_source``, built with its :func:`mixture_counts` share and its own seed)."""
+  sources = dict(sources)
+  if not sources:
+    raise ValueError("the task mixture has no task")
+
+  def source(index: int) -> dict[str, list]:
+    return {name: list(src(index)) for name, src in sources.items()}
   return source
 
 

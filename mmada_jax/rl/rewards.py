@@ -12,16 +12,24 @@ Built in (raw values in [0, 1]; paper weights as defaults):
   non-empty reasoning and a non-empty answer (:func:`mmada_jax.rl.answers.format_ok`).
 * :class:`MMUAnswerCorrectness` (``mmu_correctness``, 2.0): multiple-choice letters or short
   answers (:func:`mmada_jax.rl.answers.mmu_answer_correct`).
-* :class:`ClipScoreReward` (``clip``, 0.1) and :class:`ImageRewardReward` (``image_reward``, 0.1):
-  adapters around a user-supplied ``scorer(images uint8 [B, H, W, 3], prompts list[str]) -> [B]``.
+* :class:`ClipScoreReward` and :class:`ImageRewardReward` (0.1 each): host adapters around a
+  user-supplied ``scorer(images uint8 [B, H, W, 3], prompts list[str]) -> [B]``.
+* :class:`DeviceImageTextReward`: an image–text scorer run on the devices, on the rollout's
+  batch-sharded images (no host copy of the images); the registered ``clip`` (0.1, the JAX CLIP
+  score of ``rl.clip_model``) and ``image_reward`` (0.1, the ImageReward-style preference head
+  ``rl.preference_head`` over that CLIP, :mod:`mmada_jax.scorers.preference`) are two.
 * :class:`ClassifierReward` (``classifier``, 1.0): ``classifier(images) -> class probabilities
   [B, C]``; reward = probability of the prompted class ``inputs.labels[b]``.
 * :class:`FunctionReward`: wraps any ``fn(inputs) -> [B]``; :func:`toy_digit_reward`
   (``digit_match``) is one, the reward of the copy-the-digit toy task.
 
+A reward with ``on_device = True`` returns a global jax.Array [B_global] (rows sharded by the
+batch rule); :func:`combine_rewards` brings its scores (B floats, never the images) to this
+process's rows with ``to_local``. Every other reward runs on the host.
+
 Choosing rewards from a config (``rl.rewards``, :func:`resolve_rewards`): comma-separated entries,
 each a name of :data:`REWARDS` (``correctness``, ``format``, ``mmu_correctness``,
-``digit_match``, and any added with :func:`register_reward`) or ``module:function`` naming user
+``digit_match``, ``clip``, ``image_reward``, and any added with :func:`register_reward`) or ``module:function`` naming user
 code, called as ``function(config, model_cfg)`` and returning a list of rewards (the way to plug
 in image scorers such as CLIP or ImageReward, which no config value can hold).
 """
@@ -45,6 +53,9 @@ class RewardInputs:
   (letters A, B, … in order) or None. images: uint8 [B, H, W, 3] generated images (T2I).
   labels: int [B] prompted class ids (classifier reward). completion_ids: per row the response
   token ids up to the first stop token (token-level rewards). extra: anything else, per row.
+  device_images: the same images as a global jax.Array [B_global, H, W, 3] on the devices (rows
+  sharded by the batch rule; on-device rewards); place: ``numpy [B, ...] (this process's rows) ->
+  global jax.Array`` laid out as ``device_images``. Neither counts in ``len``.
   """
   prompts: Sequence[str] | None = None
   completions: Sequence[str] | None = None
@@ -54,12 +65,14 @@ class RewardInputs:
   labels: np.ndarray | None = None
   completion_ids: Sequence[np.ndarray] | None = None
   extra: Mapping[str, Sequence[Any]] | None = None
+  device_images: Any = None
+  place: Callable[[np.ndarray], Any] | None = None
 
   def __len__(self) -> int:
     sizes = {}
     for f in dataclasses.fields(self):
       v = getattr(self, f.name)
-      if v is None or f.name == "extra":
+      if v is None or f.name in ("extra", "device_images", "place"):
         continue
       sizes[f.name] = len(v)
     for k, v in (self.extra or {}).items():
@@ -95,9 +108,12 @@ def _as_scores(x: Any, b: int, who: str) -> np.ndarray:
   return out
 
 
-def combine_rewards(fns: Sequence[RewardFn], inputs: RewardInputs
+def combine_rewards(fns: Sequence[RewardFn], inputs: RewardInputs,
+                    to_local: Callable[[Any], np.ndarray] | None = None
                     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-  """(total float32 [B] = Σ weight · raw, {name: raw float32 [B]}) over the rewards ``fns``."""
+  """(total float32 [B] = Σ weight · raw, {name: raw float32 [B]}) over the rewards ``fns``;
+  ``to_local``: global jax.Array → this process's rows, for the ``on_device`` rewards (default
+  ``np.asarray``, one process)."""
   if not fns:
     raise ValueError("combine_rewards needs at least one reward")
   names = [f.name for f in fns]
@@ -107,7 +123,10 @@ def combine_rewards(fns: Sequence[RewardFn], inputs: RewardInputs
   total = np.zeros(b, np.float32)
   raw: dict[str, np.ndarray] = {}
   for f in fns:
-    raw[f.name] = _as_scores(f(inputs), b, f.name)
+    out = f(inputs)
+    if getattr(f, "on_device", False):
+      out = (to_local or np.asarray)(out)
+    raw[f.name] = _as_scores(out, b, f.name)
     total += np.float32(f.weight) * raw[f.name]
   return total, raw
 
@@ -185,6 +204,64 @@ class ImageRewardReward(ImageTextScorerReward):
 
 
 @dataclasses.dataclass
+class DeviceImageTextReward:
+  """An image–text scorer on the devices: ``scorer.score_device(images [B, H, W, 3], text_embeds
+  [B, P]) -> [B]`` on the rollout's global ``device_images``, with the prompts' embeddings from
+  ``encode_texts(list[str]) -> numpy [n, P]`` (each distinct prompt encoded once, cached) placed
+  like the images. Returns the global scores (``on_device``)."""
+  scorer: Any
+  encode_texts: Callable[[list[str]], np.ndarray]
+  weight: float = 0.1
+  name: str = "clip"
+  on_device: bool = True
+  _cache: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
+
+  def __call__(self, inputs: RewardInputs) -> Any:
+    images = inputs.need("device_images", self.name)
+    place = inputs.need("place", self.name)
+    prompts = [str(p) for p in inputs.need("prompts", self.name)]
+    new = sorted({p for p in prompts if p not in self._cache})
+    if new:
+      self._cache.update(zip(new, np.asarray(self.encode_texts(new), np.float32)))
+    emb = np.stack([self._cache[p] for p in prompts])
+    return self.scorer.score_device(images, place(emb))
+
+
+_SCORERS: dict[tuple[str, str], Any] = {}
+
+
+def _clip_model(path: str) -> Any:
+  """The JAX CLIP of ``rl.clip_model`` (loaded once per process)."""
+  if not path:
+    raise ValueError("the 'clip' / 'image_reward' rewards need rl.clip_model (a local Hugging Face CLIP directory)")
+  key = ("clip", path)
+  if key not in _SCORERS:
+    from mmada_jax.scorers.clip import CLIP
+    _SCORERS[key] = CLIP.from_pretrained(path)
+  return _SCORERS[key]
+
+
+def clip_reward(rl: Any) -> DeviceImageTextReward:
+  """``clip``: the CLIP score of ``rl.clip_model`` on the devices, weight ``rl.reward_clip``."""
+  model = _clip_model(str(rl.clip_model))
+  return DeviceImageTextReward(model, model.text_embeds, weight=float(rl.reward_clip), name="clip")
+
+
+def image_reward(rl: Any) -> DeviceImageTextReward:
+  """``image_reward``: the ImageReward-style head ``rl.preference_head`` over ``rl.clip_model``'s
+  embeddings, on the devices, weight ``rl.reward_image``."""
+  if not rl.preference_head:
+    raise ValueError("the 'image_reward' reward needs rl.preference_head (the head's safetensors file, "
+                     "mmada_jax.scorers.preference)")
+  model = _clip_model(str(rl.clip_model))
+  key = ("head", str(rl.preference_head))
+  if key not in _SCORERS:
+    from mmada_jax.scorers.preference import PreferenceScorer
+    _SCORERS[key] = PreferenceScorer.from_files(model, str(rl.preference_head))
+  return DeviceImageTextReward(_SCORERS[key], model.text_embeds, weight=float(rl.reward_image), name="image_reward")
+
+
+@dataclasses.dataclass
 class ClassifierReward:
   """Probability of the prompted class: ``classifier(images uint8 [B,H,W,3]) -> [B, C]``.
 
@@ -254,6 +331,8 @@ REWARDS: dict[str, RewardFactory] = {
     "format": lambda rl: FormatReward(weight=float(rl.reward_format)),
     "mmu_correctness": lambda rl: MMUAnswerCorrectness(weight=float(rl.reward_correct)),
     "digit_match": lambda rl: toy_digit_reward(float(rl.reward_correct)),
+    "clip": clip_reward,
+    "image_reward": image_reward,
 }
 """The rewards a config can name in ``rl.rewards``."""
 
@@ -283,17 +362,21 @@ def load_user_function(spec: str, what: str) -> Callable[..., Any]:
   return out
 
 
-def default_reward_spec(task: str, prompt_source: str = "jsonl") -> str:
+def default_reward_spec(task: str, prompt_source: str = "jsonl", rl: Any = None) -> str:
   """The ``rl.rewards`` used when it is '': the toy task's ``digit_match``; text
-  ``correctness,format``; MMU ``mmu_correctness,format``; T2I has none (its scorers are user code)."""
+  ``correctness,format``; MMU ``mmu_correctness,format``; T2I ``clip`` (and ``image_reward``
+  with ``rl.preference_head``) when ``rl.clip_model`` is set, else none (user scorers)."""
   if prompt_source == "toy_digits":
     return "digit_match"
   if task == "text":
     return "correctness,format"
   if task == "mmu":
     return "mmu_correctness,format"
-  raise ValueError(f"rl.task={task!r} has no default rewards: set rl.rewards, e.g. to 'module:function' "
-                   "returning image scorers (ClipScoreReward / ImageRewardReward / ClassifierReward)")
+  if task == "t2i" and rl is not None and rl.clip_model:
+    return "clip,image_reward" if rl.preference_head else "clip"
+  raise ValueError(f"rl.task={task!r} has no default rewards: set rl.clip_model (the 'clip' reward on the "
+                   "devices), or rl.rewards, e.g. to 'module:function' returning image scorers "
+                   "(ClipScoreReward / ImageRewardReward / ClassifierReward)")
 
 
 def resolve_rewards(spec: str, rl: Any, *factory_args: Any) -> list[RewardFn]:

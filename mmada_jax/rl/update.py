@@ -5,7 +5,11 @@
   those exact inputs;
 * :func:`grpo_loss_fn`: log π_θ at the response positions of one inner iteration's batch, then
   :func:`mmada_jax.rl.loss.grpo_objective`;
-* :func:`batch_spec`: the batch :func:`grpo_loss_fn` reads, as ``ShapeDtypeStruct`` s.
+* :func:`mixed_loss_fn`: the unified stage's loss over a batch ``{task: that task's batch}``
+  (each task's own shapes and scored vocabulary), one objective over all rows;
+* :func:`batch_spec`: the batch :func:`grpo_loss_fn` reads, as ``ShapeDtypeStruct`` s;
+* :func:`step_layout`: the μ inner batches of a rollout, kept on the devices, in the train step's
+  layout ``[A, rows/A, ...]``.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import jax.numpy as jnp
 
 from mmada_jax.model.config import MMaDAConfig
 from mmada_jax.rl import masking as mask_lib
-from mmada_jax.rl.loss import LossConfig, grpo_objective, response_logprobs
+from mmada_jax.rl.loss import LossConfig, grpo_rows, reduce_rows, response_logprobs
 
 ROW_STATISTICS = ("advantages", "seq_weight", "reward", "reward_std", "response_length", "mask_ratio")
 """The float32 [B] leaves of an update batch (besides ``reward/<name>``)."""
@@ -67,6 +71,22 @@ def prepare_updates(params: Any, ref_params: Any, tokens: jax.Array, attention_m
   return {"input_ids": noisy, "loss_mask": masked, "mask_ratio": ratio, "old_logp": old, "ref_logp": ref}
 
 
+def _task_rows(params: Any, batch: Mapping[str, jax.Array], model_cfg: MMaDAConfig, loss_cfg: LossConfig,
+               vocab_range: tuple[int, int] | None) -> dict[str, jax.Array]:
+  logp, ent = response_logprobs(params, model_cfg, batch["input_ids"], batch["response_start"],
+                                batch["targets"], attention_mask=batch["attention_mask"],
+                                vocab_range=vocab_range, with_entropy=True)
+  return grpo_rows(logp, batch["old_logp"], batch["ref_logp"], batch["advantages"], batch["loss_mask"],
+                   loss_cfg, ent)
+
+
+def _row_stats(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  out = {"reward_mean": jnp.mean(batch["reward"].astype(jnp.float32))}
+  for k in ("reward_std", "response_length", "mask_ratio"):
+    out[k] = jnp.mean(batch[k].astype(jnp.float32))
+  return out
+
+
 def grpo_loss_fn(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, frozen: Any, *,
                  model_cfg: MMaDAConfig, loss_cfg: LossConfig, vocab_range: tuple[int, int] | None = None
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -78,16 +98,63 @@ def grpo_loss_fn(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, fr
   ``mask_ratio``, ``reward/<name>`` [B] are averaged into the metrics.
   """
   del rng, frozen
-  logp, ent = response_logprobs(params, model_cfg, batch["input_ids"], batch["response_start"],
-                                batch["targets"], attention_mask=batch["attention_mask"],
-                                vocab_range=vocab_range, with_entropy=True)
-  loss, metrics = grpo_objective(logp, batch["old_logp"], batch["ref_logp"], batch["advantages"],
-                                 batch["loss_mask"], loss_cfg, batch["seq_weight"], ent)
+  loss, metrics = reduce_rows(_task_rows(params, batch, model_cfg, loss_cfg, vocab_range), batch["seq_weight"])
   metrics["loss"] = loss
-  metrics["reward_mean"] = jnp.mean(batch["reward"].astype(jnp.float32))
-  for k in ("reward_std", "response_length", "mask_ratio"):
-    metrics[k] = jnp.mean(batch[k].astype(jnp.float32))
+  metrics.update(_row_stats(batch))
   for k, v in batch.items():
     if k.startswith("reward/"):
       metrics[k] = jnp.mean(v.astype(jnp.float32))
   return loss, metrics
+
+
+def mixed_loss_fn(params: Any, batch: Mapping[str, Mapping[str, jax.Array]], rng: jax.Array, frozen: Any, *,
+                  model_cfg: MMaDAConfig, loss_cfg: LossConfig,
+                  vocab_ranges: Mapping[str, tuple[int, int] | None]) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The unified stage's loss: ``batch[task]`` is that task's inner-iteration batch (as
+  :func:`grpo_loss_fn`'s); every task's rows get their per-row terms (per-token means within each
+  row, the task's own scored vocabulary), and ONE objective is formed over the concatenated rows:
+  ``loss = −Σ_i w_i (pol_i − β kl_i) / Σ_i w_i`` over all tasks' rows — each rollout counts once,
+  whatever its response length. Metrics: the global ones of :func:`grpo_loss_fn` over all rows,
+  and per task ``reward_mean/<t>``, ``reward/<t>/<name>``, ``kl/<t>``, ``clip_frac/<t>``,
+  ``entropy/<t>``, ``response_length/<t>``, ``policy_loss/<t>``."""
+  del rng, frozen
+  names = sorted(batch)
+  per = {t: _task_rows(params, batch[t], model_cfg, loss_cfg, vocab_ranges[t]) for t in names}
+  rows = {k: jnp.concatenate([per[t][k] for t in names]) for k in per[names[0]]}
+  weight = jnp.concatenate([batch[t]["seq_weight"].astype(jnp.float32) for t in names])
+  loss, metrics = reduce_rows(rows, weight)
+  metrics["loss"] = loss
+  flat = {k: jnp.concatenate([batch[t][k].astype(jnp.float32) for t in names])
+          for k in ("reward", "reward_std", "response_length", "mask_ratio")}
+  metrics.update(_row_stats(flat))
+  for t in names:
+    _, m = reduce_rows(per[t], batch[t]["seq_weight"])
+    stats = _row_stats(batch[t])
+    metrics.update({f"reward_mean/{t}": stats["reward_mean"], f"response_length/{t}": stats["response_length"],
+                    f"kl/{t}": m["kl"], f"clip_frac/{t}": m["clip_frac"], f"policy_loss/{t}": m["policy_loss"],
+                    f"entropy/{t}": m["entropy"]})
+    for k, v in batch[t].items():
+      if k.startswith("reward/"):
+        metrics[f"reward/{t}/{k[len('reward/'):]}"] = jnp.mean(v.astype(jnp.float32))
+  return loss, metrics
+
+
+def step_layout(tree: Any, micro: int | None, shardings: tuple[Any, ...] | None = None) -> Any:
+  """Device leaves ``[B, ...]`` (global rows) → ``[A, B/A, ...]`` with micro-batch ``a`` holding
+  rows ``a, a+A, …`` — the layout ``sharding.to_global(..., micro=A)`` gives host rows, so both
+  paths put the same rows in each micro-batch. ``shardings[k]``: the NamedSharding of a result of
+  rank k + 2 (``P(None, <batch axes>, ...)``), or None (no mesh). ``micro=None``: as it is."""
+  if micro is None:
+    return tree
+  for x in jax.tree.leaves(tree):
+    if x.shape[0] % micro:
+      raise ValueError(f"{x.shape[0]} rollout rows do not split into optimizer.grad_accum={micro} micro-batches")
+  return _step_layout(tree, int(micro), shardings)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _step_layout(tree: Any, micro: int, shardings: tuple[Any, ...] | None) -> Any:
+  def leaf(x):
+    y = jnp.swapaxes(x.reshape(x.shape[0] // micro, micro, *x.shape[1:]), 0, 1)
+    return y if shardings is None else jax.lax.with_sharding_constraint(y, shardings[y.ndim - 2])
+  return jax.tree.map(leaf, tree)

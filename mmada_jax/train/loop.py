@@ -6,7 +6,7 @@ batch spec → ``sharding.to_global`` (gradient-accumulation layout) → the com
 AOT-compiled on the first batch, memory analysis logged) → metrics queued one step behind
 (:class:`~mmada_jax.train.metrics.StepMetrics`), with the data iterator's own host counters where it
 has a ``metrics()`` method (:class:`DataMetrics`; the records pipeline's per-source rows
-``data/<task>/<source>``), read right after the step's batch. A checkpoint (state + data-iterator state) every
+``data/<task>/<source>``, UniGRPO's ``time/*``), read right after the step's batch and ``pre_step``. A checkpoint (state + data-iterator state) every
 ``checkpoint_every`` steps and at the end; samples every ``sampling.every`` steps. The loop stops
 early on a preemption signal (saved, then waited for) or when the data iterator is exhausted
 (saved). Every stop writes ``status.json``; a non-finite loss raises
@@ -73,7 +73,7 @@ class StepLoop:
         except StopIteration:
           self._stop_exhausted()
           break
-        self._train_step(host_batch, _data_metrics(r.data_iter))
+        self._train_step(host_batch)
         self._after_step()
       self.metrics.flush()
       if self.step == r.total:
@@ -89,11 +89,12 @@ class StepLoop:
     self.r.ckpt.save(step, self.state, self.r.data_iter.get_state(), dict(self.meta, step=step))
     self.last_saved = step
 
-  def _train_step(self, host_batch: Any, data_metrics: dict[str, float]) -> None:
+  def _train_step(self, host_batch: Any) -> None:
     r = self.r
     if r.stage.pre_step is not None:
       ctx = StepContext(self.state, self.step, r.mesh, r.config, r.model_cfg, self.frozen)
       host_batch = r.stage.pre_step(ctx, host_batch)
+    data_metrics = _data_metrics(r.data_iter)   # after pre_step: its host scalars (UniGRPO's time/*) too
     if self.compiled is None:   # the first batch must be what the stage declared
       check_batch(host_batch, r.stage.batch_spec(), jax.process_count(), r.grad_accum,
                   f"stage {r.stage.name!r}: the first batch")

@@ -8,6 +8,9 @@ and the compiled prompt width (``rl.max_prompt_len``, 0 = the longest prompt). `
 builds it from the config alone (AOT): no prompt file, tokenizer or reward is opened; MMaDA's
 default special tokens (the toy source's for the toy digits); ``rl.max_prompt_len`` must be set
 for text / MMU prompts read from a file.
+
+With ``rl.tasks`` (a unified stage) each task's records, rewards, decoder and prompt width are
+built the same way from its own settings (:meth:`mmada_jax.rl.config.GRPOConfig.task_list`).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from mmada_jax.model.config import MMaDAConfig
 from mmada_jax.prompting.special_tokens import SpecialTokens
 from mmada_jax.rl import rewards as rew_lib
 from mmada_jax.rl.config import GRPOConfig
-from mmada_jax.rl.prompts import list_source, load_jsonl_records, toy_digit_records
+from mmada_jax.rl.prompts import list_source, load_jsonl_records, mixture_counts, toy_digit_records
 from mmada_jax.rl.rollout import magvit_decoder
 from mmada_jax.rl.stage import GRPOStage
 from mmada_jax.train.stages import Stage, register_stage
@@ -30,21 +33,20 @@ def _prompt_source(config: ConfigDict, cfg: GRPOConfig) -> str:
   return cfg.prompt_source or ("toy_digits" if config.get("data_source") == "toy" else "jsonl")
 
 
-def grpo_stage(config: ConfigDict, model_cfg: MMaDAConfig, name: str = "unigrpo",
-               abstract: bool = False) -> GRPOStage:
-  """The :class:`GRPOStage` of ``config`` (module docstring)."""
-  cfg = GRPOConfig.from_config(config.get("rl"))
+def _abstract_width(config: ConfigDict, cfg: GRPOConfig, name: str, task: str) -> GRPOConfig:
+  """``cfg`` with its compiled prompt width where it is known without files (the toy digits)."""
+  if cfg.task == "t2i" or cfg.max_prompt_len > 0:
+    return cfg
+  if _prompt_source(config, cfg) == "toy_digits":
+    width = max(len(r["prompt_ids"]) for r in toy_digit_records(TOY_SPECIALS, cfg.toy_digits))
+    return dataclasses.replace(cfg, max_prompt_len=width)
+  raise ValueError(f"stage {name!r} built without its prompts needs rl.max_prompt_len >= 1 (the compiled prompt "
+                   f"width){'' if task == cfg.task and not config.rl.get('tasks') else f' for task {task!r}'}")
+
+
+def _task_parts(config: ConfigDict, model_cfg: MMaDAConfig, cfg: GRPOConfig, specials_cache: dict):
+  """(records, rewards, tokenizer, image decoder, cfg with its prompt width) of one task."""
   source = _prompt_source(config, cfg)
-  if abstract:
-    if source == "toy_digits":   # built in, no files: its prompt width is known
-      if cfg.max_prompt_len == 0 and cfg.task != "t2i":
-        width = max(len(r["prompt_ids"]) for r in toy_digit_records(TOY_SPECIALS, cfg.toy_digits))
-        cfg = dataclasses.replace(cfg, max_prompt_len=width)
-      return GRPOStage.abstract(model_cfg, cfg, TOY_SPECIALS)
-    if cfg.task != "t2i" and cfg.max_prompt_len < 1:
-      raise ValueError(f"stage {name!r} built without its prompts needs rl.max_prompt_len >= 1 "
-                       "(the compiled prompt width)")
-    return GRPOStage.abstract(model_cfg, cfg, SpecialTokens())
   tokenizer = None
   if source == "toy_digits":
     specials = TOY_SPECIALS
@@ -56,8 +58,10 @@ def grpo_stage(config: ConfigDict, model_cfg: MMaDAConfig, name: str = "unigrpo"
       raise ValueError("rl.prompt_source='jsonl' needs rl.text_tokenizer (or data.text_tokenizer)")
     if not cfg.prompt_file:
       raise ValueError("rl.prompt_source='jsonl' needs rl.prompt_file")
-    tokenizer = TextTokenizer.from_file(tok_path)
-    specials = SpecialTokens.from_tokenizer(tokenizer)
+    if tok_path not in specials_cache:
+      tok = TextTokenizer.from_file(tok_path)
+      specials_cache[tok_path] = (tok, SpecialTokens.from_tokenizer(tok))
+    tokenizer, specials = specials_cache[tok_path]
     records = load_jsonl_records(cfg.prompt_file, cfg.task, tokenizer, specials, cfg.thinking_prompt)
   decoder = None
   if cfg.task == "t2i":
@@ -67,10 +71,46 @@ def grpo_stage(config: ConfigDict, model_cfg: MMaDAConfig, name: str = "unigrpo"
     decoder = magvit_decoder(ImageTokenizer.from_pretrained(cfg.image_tokenizer))
   if cfg.max_prompt_len == 0 and cfg.task != "t2i":
     cfg = dataclasses.replace(cfg, max_prompt_len=max(len(r["prompt_ids"]) for r in records))
-  rewards = rew_lib.resolve_rewards(cfg.rewards or rew_lib.default_reward_spec(cfg.task, source), cfg,
+  rewards = rew_lib.resolve_rewards(cfg.rewards or rew_lib.default_reward_spec(cfg.task, source, cfg), cfg,
                                     config, model_cfg)
-  src = list_source(records, cfg.prompts_per_step, cfg.seed)
-  return GRPOStage(model_cfg, cfg, src, rewards, specials=specials, tokenizer=tokenizer, image_decoder=decoder)
+  return records, rewards, tokenizer, decoder, cfg, specials
+
+
+def grpo_stage(config: ConfigDict, model_cfg: MMaDAConfig, name: str = "unigrpo",
+               abstract: bool = False) -> GRPOStage:
+  """The :class:`GRPOStage` of ``config`` (module docstring): one task, or with ``rl.tasks`` the
+  unified stage (:meth:`GRPOStage.mixture`; every task's prompts use the same special tokens,
+  each task its own seed ``rl.seed + 1000·k`` for its prompt order)."""
+  cfg = GRPOConfig.from_config(config.get("rl"))
+  if cfg.tasks:
+    resolved = {tname: _abstract_width(config, tc, name, tname) if abstract else tc
+                for tname, _, tc in cfg.task_list()}
+  if abstract:
+    toy = all(_prompt_source(config, tc) == "toy_digits" for _, _, tc in cfg.task_list())
+    specials = TOY_SPECIALS if toy else SpecialTokens()
+    if not cfg.tasks:
+      return GRPOStage.abstract(model_cfg, _abstract_width(config, cfg, name, cfg.task), specials)
+    tasks = tuple(dataclasses.replace(t, max_prompt_len=resolved[t.name].max_prompt_len) for t in cfg.tasks)
+    return GRPOStage.abstract(model_cfg, dataclasses.replace(cfg, tasks=tasks), specials)
+  cache: dict = {}
+  if not cfg.tasks:
+    records, rewards, tokenizer, decoder, cfg, specials = _task_parts(config, model_cfg, cfg, cache)
+    src = list_source(records, cfg.prompts_per_step, cfg.seed)
+    return GRPOStage(model_cfg, cfg, src, rewards, specials=specials, tokenizer=tokenizer, image_decoder=decoder)
+  counts = mixture_counts([w for _, w, _ in cfg.task_list()], cfg.prompts_per_step)
+  sources, rewards, tokenizers, decoders, widths, all_specials = {}, {}, {}, {}, {}, set()
+  for k, ((tname, _, tc), n) in enumerate(zip(cfg.task_list(), counts)):
+    records, rewards[tname], tokenizers[tname], decoders[tname], tc, sp = _task_parts(config, model_cfg, tc, cache)
+    all_specials.add(sp)
+    widths[tname] = tc.max_prompt_len
+    sources[tname] = list_source(records, n, cfg.seed + 1000 * k)
+  if len(all_specials) > 1:
+    raise ValueError("rl.tasks: every task's prompts must use the same special tokens (one text tokenizer, or "
+                     "all toy digits)")
+  cfg = dataclasses.replace(cfg, tasks=tuple(dataclasses.replace(t, max_prompt_len=widths[t.name])
+                                             for t in cfg.tasks))
+  return GRPOStage.mixture(model_cfg, cfg, sources, rewards, specials=all_specials.pop(), tokenizers=tokenizers,
+                           image_decoders=decoders)
 
 
 @register_stage("unigrpo")
