@@ -9,7 +9,8 @@ from __future__ import annotations
 from mmada_jax.config_schema import to_config_dict
 from mmada_jax.eval.config import EvalConfig
 
-VARIANTS = ("gsm8k", "math", "mmlu", "arc_c", "vqav2", "pope", "mmmu", "geneval", "clip_score", "demo_arithmetic",
+VARIANTS = ("gsm8k", "math", "mmlu", "arc_c", "hellaswag", "piqa", "winogrande", "truthfulqa", "gpqa", "cmmlu",
+            "ceval", "vqav2", "pope", "mmmu", "geneval", "clip_score", "demo_arithmetic",
             "demo_mmu", "demo_t2i")
 
 # Image understanding: VLMEvalKit-style defaults of the MMaDA evaluation wrapper for short-answer
@@ -29,6 +30,22 @@ PRESETS = {
     "mmlu": dict(task="mmlu", num_fewshot=5, mc_num=1, cfg=0.0, batch_size=8),
     # ARC-Challenge, 0-shot likelihood: LLaDA base evaluation (batch 8, mc_num 128, CFG 0.5).
     "arc_c": dict(task="arc_c", num_fewshot=0, mc_num=128, cfg=0.5, batch_size=8),
+    # The other likelihood tasks: LLaDA base evaluation (its evaluation/eval.sh: lm-eval tasks with
+    # batch 8, mc_num 128 and the CFG weights below; MMLU-style single-letter tasks mc_num 1).
+    # HellaSwag, 0-shot, CFG 0.5 (accuracy_norm is lm-eval's acc_norm).
+    "hellaswag": dict(task="hellaswag", num_fewshot=0, mc_num=128, cfg=0.5, batch_size=8),
+    # PIQA, 0-shot, CFG 0.5.
+    "piqa": dict(task="piqa", num_fewshot=0, mc_num=128, cfg=0.5, batch_size=8),
+    # WinoGrande, 5-shot, CFG 0 (partial scoring: the rest of the sentence after each option).
+    "winogrande": dict(task="winogrande", num_fewshot=5, mc_num=128, cfg=0.0, batch_size=8),
+    # TruthfulQA, 0-shot (its fixed QA primer), CFG 2.0: accuracy = MC1; mc2 (LLaDA's reported
+    # truthfulqa_mc2) when the records carry mc2_targets.
+    "truthfulqa": dict(task="truthfulqa", num_fewshot=0, mc_num=128, cfg=2.0, batch_size=8),
+    # GPQA (main), 5-shot, CFG 0.5.
+    "gpqa": dict(task="gpqa", num_fewshot=5, mc_num=128, cfg=0.5, batch_size=8),
+    # CMMLU and C-Eval (validation), 5-shot, CFG 0, mc_num 1 (single-letter answers are exact).
+    "cmmlu": dict(task="cmmlu", num_fewshot=5, mc_num=1, cfg=0.0, batch_size=8),
+    "ceval": dict(task="ceval", num_fewshot=5, mc_num=1, cfg=0.0, batch_size=8),
     "vqav2": dict(task="vqav2", **_MMU),
     "pope": dict(task="pope", **_MMU),
     "mmmu": dict(task="mmmu", **_MMU),

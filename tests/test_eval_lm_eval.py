@@ -80,14 +80,14 @@ def saved(tmp_path_factory):
   return root
 
 
-def _evaluate(saved, batch_size: int, extra: str = ""):
+def _evaluate(saved, batch_size: int, extra: str = "", **kw):
   import mmada_jax.eval.lm_eval_model  # noqa: F401
   from lm_eval.tasks import TaskManager
   return lm_eval.simple_evaluate(
       model="mmada_jax", model_args=f"pretrained={saved / 'model'},tokenizer={saved / 'tok'},mc_num=4,"
                                     f"mc_batch_size=2{extra}",
       tasks=["tiny_mc", "tiny_gen"], batch_size=batch_size, log_samples=True,
-      task_manager=TaskManager(include_path=str(saved / "tasks")))
+      task_manager=TaskManager(include_path=str(saved / "tasks")), **kw)
 
 
 def _per_example(res) -> dict:
@@ -148,3 +148,45 @@ def test_command_line(saved, tmp_path):
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr[-3000:]
   assert "tiny_mc" in out.stdout
+
+
+def test_chat_template_interface(saved):
+  from mmada_jax.eval.lm_eval_model import MMaDALM
+  from mmada_jax.prompting.text_tokenizer import CHAT_TEMPLATE
+  lm = MMaDALM(pretrained=str(saved / "model"), tokenizer=str(saved / "tok"), mc_num=2, mc_batch_size=2)
+  tok = lm.tokenizer
+  chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is 2 + 3 ?"}]
+  text = lm.apply_chat_template(chat)
+  assert text == ("<|startoftext|><|start_header_id|>system<|end_header_id|>\nbe brief<|eot_id|>"
+                  "<|start_header_id|>user<|end_header_id|>\nwhat is 2 + 3 ?<|eot_id|>"
+                  "<|start_header_id|>assistant<|end_header_id|>\n")
+  prefill = lm.apply_chat_template(chat + [{"role": "assistant", "content": "It is"}], add_generation_prompt=False)
+  assert prefill.endswith("<|start_header_id|>assistant<|end_header_id|>\nIt is")
+  assert lm.chat_template(True) == CHAT_TEMPLATE and lm.chat_template(False) is None
+  with pytest.raises(ValueError, match="not available"):
+    lm.chat_template("chatml")
+  assert lm.tokenizer_name == str(saved / "tok").replace("/", "__")
+  # the rendered context keeps its one BOS: the ids are the chat template's
+  ctx, cont = lm._context_ids(text, " 5")
+  assert ctx == tok.apply_chat_template(chat) and cont == tok.encode(" 5", add_special_tokens=False)
+  assert lm._context_ids("what", " 5")[0] == [lm.specials.bos] + tok.encode("what", add_special_tokens=False)
+
+
+@pytest.mark.slow
+def test_simple_evaluate_with_chat_template(saved):
+  from mmada_jax.eval import batching
+  res = _evaluate(saved, 2, apply_chat_template=True)
+  gen = res["samples"]["tiny_gen"]
+  context = gen[0]["arguments"][0][0]
+  assert context.startswith("<|startoftext|><|start_header_id|>user<|end_header_id|>\nQuestion: what is 2 ?")
+  assert context.endswith("<|start_header_id|>assistant<|end_header_id|>\n")
+  # the sampler saw exactly the chat template's ids
+  from mmada_jax.eval.lm_eval_model import MMaDALM
+  lm = MMaDALM(pretrained=str(saved / "model"), tokenizer=str(saved / "tok"))
+  ids = lm.tokenizer.apply_chat_template([{"role": "user", "content": "Question: what is 2 ?\nAnswer:"}])
+  assert batching.prompt_ids(lm.tokenizer, context, chat=False) == ids
+  toks = batching.generate_unpadded(lm.model, [ids], batch_size=1, gen_length=4, block_length=4, steps=4,
+                                    temperature=0.0, seed=0)
+  want = batching.decode(lm.model, lm.tokenizer, toks)[0]
+  assert gen[0]["resps"][0][0] == want.split("\n")[0].split("yes")[0]
+  assert res["results"]["tiny_mc"]["acc,none"] in (0.0, 1 / 3, 2 / 3, 1.0)

@@ -105,6 +105,14 @@ def test_likelihood_and_image_tasks(saved, tmp_path, capsys):
   assert all(len(r["loglik"]) == 4 and r["output"] in "ABCD" for r in rows)
   assert [r["target"] for r in rows] == ["A", "B", "C"] and rows[0]["prompt"].endswith("D. 4\nAnswer:")
   assert res["metrics"]["accuracy"] == np.mean([r["score"] for r in rows])
+  tq = [{"question": f"is {i} one ?", "mc1_targets": {"choices": ["no", "yes"], "labels": [1, 0]},
+         "mc2_targets": {"choices": ["no", "A", "yes"], "labels": [1, 1, 0]}} for i in range(2)]
+  (tmp_path / "tq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tq))
+  res = runner.run(_config(saved, "truthfulqa", data=str(tmp_path / "tq.jsonl"), mc_num=2, batch_size=2),
+                   str(tmp_path / "tq"))
+  rows = _samples(tmp_path / "tq")
+  assert set(res["metrics"]) == {"accuracy", "mc2"} and len(rows[0]["loglik"]) == 2 and 0 < rows[0]["mc2"] < 1
+  assert rows[0]["prompt"].endswith("Q: is 0 one ?\nA:") and res["settings"]["cfg"] == 2.0
   res = runner.run(_config(saved, "pope", batch_size=2), str(tmp_path / "pope"))
   assert res["n"] == 3 and set(res["metrics"]) == {"accuracy", "precision", "recall", "f1", "yes_ratio"}
   assert "| accuracy |" in runner.markdown(res)
@@ -156,3 +164,84 @@ def test_generation_outputs_do_not_depend_on_batch_size_or_mesh(saved, tmp_path)
   # the mesh does not enter the resume check: a one-device run continues on the mesh
   res = runner.run(_config(saved, "gsm8k", **base, batch_size=8, mesh_shape="data=8"), str(tmp_path / "bs8"))
   assert res["resumed"] == 21 and runs["bs8"] == [(r["index"], r["output"], r["score"]) for r in _samples(tmp_path / "bs8")]
+
+
+def _port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow  # two jax.distributed processes per task
+@pytest.mark.parametrize("task,kw", [("gsm8k", dict(gen_length=4, block_length=4, steps=2, num_fewshot=0,
+                                                   batch_size=2)),
+                                     ("mmlu", dict(num_fewshot=0, mc_num=2, batch_size=2)),
+                                     ("pope", dict(batch_size=2)),
+                                     ("geneval", dict(steps=2, n_samples=1, cfg=1.0))])
+def test_two_processes_match_one_process(saved, tmp_path, task, kw):
+  """2 local jax.distributed processes (2 devices each, data=-1 mesh) give the same samples.jsonl
+  and metrics as one process on one device; the run resumes the row that a 1-process run with a
+  limit made before, and leaves only the final files."""
+  if task == "geneval":
+    (saved / "geneval.jsonl").write_text("".join(json.dumps({"prompt": f"a {c} dog", "tag": "color"}) + "\n"
+                                                 for c in ("red", "blue", "green")))
+  ref = runner.run(_config(saved, task, **kw), str(tmp_path / "one"))
+  out = tmp_path / "two"
+  runner.run(_config(saved, task, limit=1, **kw), str(out))               # one example done before
+  port = _port()
+  args = [f"--config=configs/eval.py:{task}", f"--config.model={saved / 'model'}",
+          f"--config.text_tokenizer={saved / 'tok'}", f"--config.image_tokenizer={saved / 'itok'}",
+          f"--config.data={saved / f'{task}.jsonl'}", "--config.mesh_shape=data=-1", f"--workdir={out}",
+          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+  args += [f"--config.{k}={v}" for k, v in kw.items()]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             PYTHONPATH=REPO)
+  procs = [subprocess.Popen([sys.executable, "-m", "mmada_jax.eval", *args, f"--process_id={i}"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+  assert "| value |" in logs[0] and "| value |" not in logs[1]            # process 0 prints the table
+  with open(out / "results.json") as f:
+    two = json.load(f)
+  assert two["metrics"] == ref["metrics"] and two["stderr"] == ref["stderr"] and two["n"] == ref["n"]
+  assert two["processes"] == 2 and two["resumed"] == 1
+  got, want = _samples(out), _samples(tmp_path / "one")
+  # log-likelihoods on a 2-device mesh agree with one device to float rounding (other matmul shapes)
+  np.testing.assert_allclose([r.pop("loglik", 0.0) for r in got], [r.pop("loglik", 0.0) for r in want], rtol=1e-5)
+  assert got == want
+  assert sorted(p.name for p in out.iterdir()) == (["images"] if task == "geneval" else []) + [
+      "results.json", "run.json", "samples.jsonl"]
+  if task == "geneval":                                                    # GenEval's layout, same pixels
+    for i in range(3):
+      png = f"images/{i:05d}/samples/0000.png"
+      assert (out / png).read_bytes() == (tmp_path / "one" / png).read_bytes()
+
+
+@pytest.mark.slow  # ~20 s of compiles: fast tier < 4 min
+def test_image_understanding_outputs_do_not_depend_on_batch_size_or_mesh(saved, tmp_path):
+  # 11 questions of three token lengths over 3 images: batches mix lengths and images
+  qs = ["is there a dog ?", "is there a cat here ?", "is it yes ?"]
+  rows = [{"image": str(saved / "img" / f"{i % 3}.png"), "question": qs[i % 3] + " no" * (i // 6),
+           "answer": ["yes", "no"][i % 2]} for i in range(11)]
+  (tmp_path / "pope.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  # the random model's weights ×3: its answers then depend on the image and the question
+  import jax
+  m = MMaDA.from_pretrained(saved / "model")
+  MMaDA(jax.tree_util.tree_map(lambda x: x * 3, m.params), m.config,
+        generation_config=m.generation_config).save_pretrained(tmp_path / "sharp")
+  base = dict(data=str(tmp_path / "pope.jsonl"), model=str(tmp_path / "sharp"), gen_length=4, block_length=4, steps=2)
+  runs = {}
+  for name, kw in {"bs1": dict(batch_size=1), "bs8": dict(batch_size=8),
+                   "data8": dict(batch_size=8, mesh_shape="data=8")}.items():
+    runner.run(_config(saved, "pope", **base, **kw), str(tmp_path / name))
+    runs[name] = [(r["index"], r["output"], r["score"]) for r in _samples(tmp_path / name)]
+  assert len(runs["bs1"]) == 11 and len({o for _, o, _ in runs["bs1"]}) > 3
+  assert runs["bs8"] == runs["bs1"] and runs["data8"] == runs["bs1"]
+  # one example alone: the harness's unpadded prompt is MMaDA.answer's layout
+  ec = runner.parse(runner.EvalConfig, _config(saved, "pope", **base), "config")
+  lo = runner.load(ec)
+  ex = runner.data.read_examples("pope", base["data"])[4]
+  out = lo.model.answer(runner._image_array(ex, lo)[None], [runner.render("pope", ex, [])],
+                        image_tokenizer=lo.image_tokenizer, tokenizer=lo.tokenizer, **runner._sampler_kwargs(ec))
+  assert out.texts[0] == runs["bs1"][4][1]

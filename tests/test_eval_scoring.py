@@ -75,3 +75,13 @@ def test_mean_and_stderr():
   assert scoring.mean_and_stderr([1.0]) == (1.0, 0.0)
   mean, se = scoring.mean_and_stderr([1.0, 0.0, 1.0, 0.0])
   assert mean == 0.5 and se == pytest.approx((1 / 3) ** 0.5 / 2)
+
+
+def test_truthfulqa_mc2():
+  import math
+  from mmada_jax.eval import scoring
+  got = scoring.truthfulqa_mc2([math.log(0.2), math.log(0.1), math.log(0.3)], [1, 1, 0])
+  assert abs(got - 0.5) < 1e-12
+  assert abs(scoring.truthfulqa_mc2([-1000.0, -1001.0], [1, 0]) - 1 / (1 + math.exp(-1))) < 1e-12
+  with pytest.raises(ValueError, match="truthfulqa_mc2"):
+    scoring.truthfulqa_mc2([0.0], [0])

@@ -4,8 +4,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-TASKS = ("gsm8k", "math", "mmlu", "arc_c", "vqav2", "pope", "mmmu", "geneval", "clip_score")
-Task = Literal["gsm8k", "math", "mmlu", "arc_c", "vqav2", "pope", "mmmu", "geneval", "clip_score"]
+TASKS = ("gsm8k", "math", "mmlu", "arc_c", "hellaswag", "piqa", "winogrande", "truthfulqa", "gpqa", "cmmlu", "ceval",
+         "vqav2", "pope", "mmmu", "geneval", "clip_score")
+Task = Literal["gsm8k", "math", "mmlu", "arc_c", "hellaswag", "piqa", "winogrande", "truthfulqa", "gpqa", "cmmlu",
+               "ceval", "vqav2", "pope", "mmmu", "geneval", "clip_score"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,14 @@ Requests:
   Prompts are batched ``batch_size`` at a time among prompts of equal length only
   (:mod:`mmada_jax.eval.batching`), so outputs do not depend on the batch size.
 
+Chat templates (``simple_evaluate(..., apply_chat_template=True)`` / lm-eval's
+``--apply_chat_template``): :meth:`MMaDALM.apply_chat_template` renders the conversation in the
+project's LLaDA chat format (:data:`mmada_jax.prompting.text_tokenizer.CHAT_TEMPLATE`: BOS, then
+``<|start_header_id|>role<|end_header_id|>\ncontent<|eot_id|>`` per turn and the assistant
+header); a context that already begins with BOS is not given a second one. ``chat_template``
+returns that Jinja template (the one template; lm-eval names it in its results) and
+``tokenizer_name`` the tokenizer path (lm-eval's cache fingerprint).
+
 model_args: ``pretrained`` (MMaDA directory), ``tokenizer`` (text tokenizer file or directory),
 ``mc_num`` (128), ``mc_batch_size`` (8), ``cfg`` (0.0), ``gen_length``, ``block_length``,
 ``steps``, ``cache`` (none|prefix|dual), ``threshold``, ``seed`` (0). lm-eval's ``batch_size``
@@ -111,8 +119,42 @@ class MMaDALM(LM):
       from mmada_jax.prompting import TextTokenizer
       text_tokenizer = TextTokenizer.from_file(tokenizer)
     self.model, self.tokenizer = model, text_tokenizer
+    self._tokenizer_path = str(tokenizer)
     from mmada_jax.prompting.special_tokens import SpecialTokens
     self.specials = SpecialTokens.from_tokenizer(text_tokenizer)
+
+  # ------------------------------------------------------------------ chat template
+  @property
+  def tokenizer_name(self) -> str:
+    """The tokenizer's path with ``/`` as ``__`` (lm-eval keys its request cache on it)."""
+    return (self._tokenizer_path or type(self.tokenizer).__name__).replace("/", "__")
+
+  def chat_template(self, chat_template: bool | str = False) -> str | None:
+    """The Jinja chat template (the project's LLaDA format); None when ``chat_template`` is
+    False/None. A name other than ``"default"`` is refused: there is one template."""
+    if chat_template is False or chat_template is None:
+      return None
+    if isinstance(chat_template, str) and chat_template not in ("default", "True", "true"):
+      raise ValueError(f"{NAME}: chat template {chat_template!r} is not available; the model has one (\"default\")")
+    from mmada_jax.prompting.text_tokenizer import CHAT_TEMPLATE
+    return CHAT_TEMPLATE
+
+  def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """The conversation as prompt text in the chat format. ``add_generation_prompt=False``
+    continues the last message (an assistant prefill): its closing ``<|eot_id|>`` is left off."""
+    text = self.tokenizer.apply_chat_template(list(chat_history), add_generation_prompt=add_generation_prompt,
+                                              tokenize=False)
+    if not add_generation_prompt and chat_history:
+      from mmada_jax.prompting.special_tokens import TOKEN_STRINGS
+      text = text.removesuffix(TOKEN_STRINGS["eot_id"])
+    return text
+
+  def _context_ids(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """``(BOS + context ids, continuation ids)``; a context rendered by the chat template keeps its own BOS."""
+    ctx, cont = _split(self.tokenizer, context, continuation)
+    if ctx[:1] == [self.specials.bos]:
+      ctx = ctx[1:]
+    return [self.specials.bos] + ctx, cont
 
   # ------------------------------------------------------------------ likelihood
   def _key(self, *texts: str) -> jax.Array:
@@ -133,10 +175,10 @@ class MMaDALM(LM):
     out = []
     for req in tqdm(requests, disable=disable_tqdm, desc="loglikelihood"):
       context, continuation = req.args
-      ctx, cont = _split(self.tokenizer, context, continuation)
+      ctx, cont = self._context_ids(context, continuation)
       if not cont:
         raise ValueError(f"{NAME}: continuation {continuation!r} has no tokens")
-      res = self._score([self.specials.bos] + ctx, cont, context, continuation)
+      res = self._score(ctx, cont, context, continuation)
       out.append(res)
       self.cache_hook.add_partial("loglikelihood", (context, continuation), res)
     return out
