@@ -9,7 +9,8 @@ import pytest
 from mmada_jax.demo import arithmetic, digits, evaluate
 from mmada_jax.demo import tokenizers as demo_tok
 from mmada_jax.demo.classifier import DigitClassifier, train_classifier
-from mmada_jax.demo.data import DemoDataConfig, build_demo_data, data_config, read_jsonl, tokenizer_corpus
+from mmada_jax.demo.data import (ARITH_GEN_LENGTH, DemoDataConfig, build_demo_data, data_config, read_jsonl,
+                                 tokenizer_corpus)
 from mmada_jax.prompting import SpecialTokens, TextTokenizer
 from mmada_jax.rl import answers as answer_lib
 
@@ -205,10 +206,13 @@ def test_build_demo_data_formats_and_determinism(tmp_path):
     q, ans = row["messages"][0]["content"], row["messages"][1]["content"]
     assert arithmetic.is_correct(ans, eval(q[len("What is "):-1]))  # noqa: S307
 
-  for stage in ("pretrain", "sft"):
+  fl = a["flow_text_len"]   # each flow as long as its longest row; SFT chat rows end at the eval window
+  assert fl["t2i"] == lengths["t2i_core"] - 1 and fl["mmu"] == lengths["mmu_text"] <= m["max_text_len"]
+  assert fl["lm_chat"] + 16 + 3 == lengths["lm_chat_prompt"] + ARITH_GEN_LENGTH >= lengths["lm_chat"]
+  for stage, lm in (("pretrain", fl["lm"]), ("sft", fl["lm_chat"])):
     batch = next(make_mixed_iterator(data_config(a, stage, (2, 2, 4)), tok))
-    seq = m["max_text_len"] + 16 + 3
-    assert {k: v["input_ids"].shape for k, v in batch.items()} == {"t2i": (2, seq), "lm": (2, seq), "mmu": (4, seq)}
+    assert {k: v["input_ids"].shape for k, v in batch.items()} == {
+        "t2i": (2, fl["t2i"] + 19), "lm": (2, lm + 19), "mmu": (4, fl["mmu"] + 19)}
 
   b = build_demo_data(str(tmp_path / "b"), seed=5, config=SMALL, log=None)
   for name in ("lm_text", "sft_chat", "grpo_text", "grpo_mmu", "grpo_t2i", "eval_mmu", "eval_t2i", "eval_arith"):
@@ -217,3 +221,52 @@ def test_build_demo_data_formats_and_determinism(tmp_path):
   assert build_demo_data(str(tmp_path / "a"), seed=5, config=SMALL, log=None)["stats"] == a["stats"]  # reused
   c = build_demo_data(str(tmp_path / "c"), seed=6, config=dataclasses.replace(SMALL, lm_rows=20), log=None)
   assert not filecmp.cmp(p["eval_mmu"], c["paths"]["eval_mmu"], shallow=False)
+
+
+# ---------------------------------------------------------------- per-flow row lengths
+
+@pytest.mark.slow   # compiles four forwards of the tiny model
+def test_mixed_stage_with_per_flow_lengths_equals_one_forward():
+  """Flows of different lengths train with one forward per task; with equal lengths that sum is
+  the one-forward loss, and each task's rows are its own S_f + N + 3 tokens."""
+  import jax
+  import jax.numpy as jnp
+  from mmada_jax.configs import tiny
+  from mmada_jax.diffusion import objectives
+  from mmada_jax.model import transformer
+  from mmada_jax.train.stages import get_stage
+  from mmada_jax.train.trainer import model_config
+  cfg = tiny.get_config("sft")
+  mcfg = model_config(cfg.model)
+  s, n = int(cfg.data.max_text_len), int(cfg.data.num_image_tokens)
+  params = transformer.init_params(mcfg, jax.random.key(0))
+  rng = np.random.default_rng(0)
+
+  def rows(task, b, length):
+    ids = rng.integers(20, 60, (b, length)).astype(np.int32)
+    second = np.zeros((b, length), np.int32)
+    if task == "t2i":
+      return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    second[:, :length // 2] = 1
+    return {"input_ids": ids, "prompt_mask": second}
+
+  sizes = {t: int(cfg.data[t].batch_size) for t in ("t2i", "lm", "mmu")}
+  batch = jax.tree.map(jnp.asarray, {t: rows(t, b, s + n + 3) for t, b in sizes.items() if b})
+  key = jax.random.key(1)
+  spec = objectives.MixedSpec.from_config(cfg, mcfg)
+  joint, jparts = objectives.mixed_loss_fn(params, batch, key, None, model_cfg=mcfg, spec=spec)
+  cfg.data.lm.max_text_len = s - 3          # lm rows 3 tokens shorter: the per-task path
+  stage = get_stage(cfg, mcfg, abstract=True)
+  shapes = {t: v["input_ids"].shape for t, v in stage.batch_spec().items()}
+  assert shapes["lm"] == (sizes["lm"], s + n) and shapes["mmu"] == (sizes["mmu"], s + n + 3)
+  split, parts = stage.loss_fn(params, {**batch, "lm": {k: v[:, 3:] for k, v in batch["lm"].items()}}, key, None)
+  assert set(parts) >= {"loss", "loss_t2i", "loss_lm", "loss_mmu"}
+  # t2i and mmu rows are unchanged: their losses equal the one-forward ones exactly.
+  for k in ("loss_t2i", "loss_mmu"):
+    np.testing.assert_allclose(float(parts[k]), float(jparts[k]), rtol=1e-5)
+  cfg.data.lm.max_text_len = s              # equal lengths: per-task sum == one forward
+  cfg.data.t2i.max_text_len = s
+  same = {t: objectives.mixed_loss_fn(params, {t: batch[t]}, key, None, model_cfg=mcfg, spec=spec)[0]
+          for t in batch}
+  np.testing.assert_allclose(float(sum(same.values())), float(joint), rtol=1e-5)
+  assert jnp.isfinite(split)

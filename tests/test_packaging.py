@@ -95,7 +95,7 @@ def test_demo_and_notebook_run_from_any_directory(installed):
   _run([installed["python"], "-m", "mmada_jax.demo", "--workdir", wd, "--preset", "smoke"],
        installed["cwd"], installed["env"], 1200)
   for name in ("summary.json", "samples.png", "samples.npz", "model/mmada_jax.json", "text_tokenizer/tokenizer.json",
-               "grpo_text/metrics.jsonl"):
+               "grpo/metrics.jsonl", "report.md"):
     assert (wd / name).exists(), name
   assert json.loads((wd / "summary.json").read_text())["preset"] == "smoke"
 

@@ -51,9 +51,12 @@ class FlowConfig:
   (auto | shards | tfds | jsonl | parquet), ``split`` (tfds only), ``kind`` (t2i; lm | lm_chat;
   mmu). ``sources``: several datasets mixed per batch in proportion to their ``weight`` (e.g.
   stage 2.2's lm 0.02 / lm_chat 0.98); when non-empty it replaces ``path``. ``text_field``: the
-  column holding the caption / text.
+  column holding the caption / text. ``max_text_len``: this flow's text budget S_f (0 = the
+  section's ``data.max_text_len``); its rows are S_f + N + 3 tokens, so flows may differ in length
+  (e.g. short lm_chat rows that end where the evaluation's generation window ends).
   """
   batch_size: int = 0
+  max_text_len: int = 0
   path: str = ""
   format: Format = "auto"
   split: str = "train"
@@ -153,6 +156,15 @@ def flow_config(cfg: Any, task: str) -> FlowConfig:
     raise ValueError(f"unknown flow {task!r}; flows are {TASKS}")
   sec = getattr(cfg, task) if isinstance(cfg, DataConfig) else cfg[task]
   return parse(FLOW_SECTIONS[task], sec, f"data.{task}")
+
+
+def flow_text_len(cfg: Any, task: str) -> int:
+  """S_f of the ``data.<task>`` flow: its ``max_text_len``, or ``data.max_text_len`` when that is 0.
+  Rows of the flow are S_f + ``data.num_image_tokens`` + 3 tokens. Raises ValueError when < 0."""
+  own = int(flow_config(cfg, task).max_text_len)
+  if own < 0:
+    raise ValueError(f"data.{task}.max_text_len={own} must be >= 0 (0 = data.max_text_len)")
+  return own or int(cfg.max_text_len)
 
 
 def _default_name(path: str) -> str:

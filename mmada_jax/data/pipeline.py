@@ -20,7 +20,8 @@ Each step yields THIS host's share of the global batch (numpy, L = S + N + 3)::
    "lm":  {"input_ids": int32 [B_lm, L],  "prompt_mask": int32 [B_lm, L]},
    "mmu": {"input_ids": int32 [B_mmu, L], "prompt_mask": int32 [B_mmu, L]}}
 
-with ``B_task = data.<task>.batch_size / process_count``; a flow with batch size 0 is absent.
+with ``B_task = data.<task>.batch_size / process_count``; a flow with batch size 0 is absent. A flow
+with its own ``data.<task>.max_text_len`` S_f has rows of S_f + N + 3 tokens instead.
 t2i image tokens are visible (codes + ``len(text tokenizer)``); masking happens on device.
 
 Checkpointing: :class:`MixedBatchIterator` is a ``grain.DatasetIterator`` whose ``get_state()`` is
@@ -51,7 +52,7 @@ from typing import Any, Mapping
 import grain
 import numpy as np
 
-from mmada_jax.data.config import TASKS, FlowConfig, flow_config, task_sources
+from mmada_jax.data.config import TASKS, FlowConfig, flow_config, flow_text_len, task_sources
 from mmada_jax.data.formatting import DEFAULT_CAPTION_PROMPTS, TASK_IDS, BatchBuilder, RowFormatter
 from mmada_jax.data.sources import open_source
 from mmada_jax.prompting.special_tokens import SpecialTokens
@@ -173,7 +174,7 @@ def make_flow_dataset(data_cfg: Any, task: str, tokenizer: Any, specials: Specia
   if global_bs % shard.shard_count:
     raise ValueError(f"data.{task}.batch_size={global_bs} is not divisible by the {shard.shard_count} processes")
   bs = global_bs // shard.shard_count
-  s, n = int(data_cfg.max_text_len), int(data_cfg.num_image_tokens)
+  s, n = flow_text_len(data_cfg, task), int(data_cfg.num_image_tokens)
   read = grain.ReadOptions(num_threads=int(data_cfg.read_threads),
                            prefetch_buffer_size=int(data_cfg.prefetch_buffer_size))
   datasets, weights, names, source_names, lens = [], [], [], [], []
@@ -259,7 +260,7 @@ class MixedBatchIterator(grain.DatasetIterator):
 
   Attributes:
     flows: ``{task: FlowInfo}`` of the active flows.
-    seq_len: L = S + N + 3. steps_per_epoch: batches in one ``max_size_cycle`` epoch.
+    seq_len: L = S + N + 3 (the longest flow's). steps_per_epoch: batches in one ``max_size_cycle`` epoch.
     total_steps: ``num_epochs * steps_per_epoch``, or None (repeat forever). step: batches returned.
   ``get_state()`` -> ``{"step": int, "flows": {...}, "rows": {task: [rows per source]},
   "signature": {...}}`` (JSON-serialisable; ``rows``: this host's row counters, see
@@ -403,7 +404,7 @@ def make_mixed_iterator(data_cfg: Any, tokenizer: Any = None, *, max_text_len: i
   data_cfg = _with_lengths(data_cfg, max_text_len, num_image_tokens)
   ds, infos = make_mixed_dataset(data_cfg, tokenizer, process_index=process_index, process_count=process_count,
                                  seed=seed, shard_options=shard_options, specials=specials, emit_index=emit_index)
-  seq_len = int(data_cfg.max_text_len) + int(data_cfg.num_image_tokens) + 3
+  seq_len = max(flow_text_len(data_cfg, t) for t in infos) + int(data_cfg.num_image_tokens) + 3
   steps = max(f.steps_per_epoch for f in infos.values())
   total = None if data_cfg.num_epochs is None else int(data_cfg.num_epochs) * steps
   shard = resolve_shard_options(process_index, process_count, shard_options)

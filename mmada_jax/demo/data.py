@@ -45,6 +45,9 @@ from mmada_jax.demo.tokenizers import (MagvitTrainConfig, build_text_tokenizer, 
                                        demo_magvit_config, encode_images, train_magvit)
 
 RESULT_NAME = "demo_data.json"
+ARITH_GEN_LENGTH = 16
+"""Tokens the demo's arithmetic evaluation and text UniGRPO generate after the prompt (the
+``demo_arithmetic`` preset of ``configs/eval.py``): SFT chat rows end exactly there."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +160,8 @@ def _text_lengths(tok, problems: Sequence[arithmetic.Problem], thinking_prompt: 
                   lm_rows: Sequence[str]) -> dict[str, int]:
   """Longest token counts: ``t2i_core`` ([t2i] BOS caption EOS; must be <= S + 1), ``mmu_text``
   (BOS chat EOS; <= S), ``lm_chat`` and ``lm_text`` (BOS text EOS; <= L), ``arith_answer`` /
-  ``mmu_cot_answer`` (CoT response + <|eot_id|>: the generation lengths the samplers need)."""
+  ``mmu_cot_answer`` (CoT response + <|eot_id|>: the generation lengths the samplers need),
+  ``lm_chat_prompt`` (BOS chat prompt with the generation header: where generation starts)."""
   system = None
   if thinking_prompt:
     from mmada_jax.rl.prompts import THINKING_PROMPT
@@ -168,12 +172,14 @@ def _text_lengths(tok, problems: Sequence[arithmetic.Problem], thinking_prompt: 
             for d in range(10) for q in range(len(digits.MMU_QUESTIONS)) for cot in (False, True))
   chat = max(len(tok.apply_chat_template(arithmetic.chat_messages(p, system), add_generation_prompt=False)) + 1
              for p in problems)
+  chat_prompt = max(len(tok.apply_chat_template(arithmetic.chat_messages(p, system)[:1], add_generation_prompt=True))
+                    for p in problems)
   answer = max(len(tok.encode(p.cot() + "<|eot_id|>", add_special_tokens=False)) for p in problems)
   mmu_answer = max(len(tok.encode(digits.mmu_answer(d, True) + "<|eot_id|>", add_special_tokens=False))
                    for d in range(10))
   lm = max(len(ids) for ids in tok.encode_batch(list(lm_rows), add_special_tokens=False)) + 2
-  return {"t2i_core": t2i, "mmu_text": mmu, "lm_chat": chat, "lm_text": lm, "arith_answer": answer,
-          "mmu_cot_answer": mmu_answer}
+  return {"t2i_core": t2i, "mmu_text": mmu, "lm_chat": chat, "lm_chat_prompt": chat_prompt, "lm_text": lm,
+          "arith_answer": answer, "mmu_cot_answer": mmu_answer}
 
 
 def demo_model_config(tokenizer, codebook_size: int = 256, num_image_tokens: int = 16,
@@ -201,7 +207,8 @@ def data_config(result: dict[str, Any], stage: str = "pretrain", batch_sizes: Se
   ``stage``: ``pretrain`` (t2i captions, lm plain text, mmu plain answers) or ``sft`` (mixed CoT:
   t2i captions, lm_chat arithmetic CoT, mmu plain answers mixed 1:1 with CoT answers to the
   " Think first." questions). ``batch_sizes`` are the global rows per step of (t2i, lm, mmu);
-  0 turns a flow off.
+  0 turns a flow off. Each flow's text budget is the built data's ``flow_text_len`` (its longest
+  row; lm_chat rows are as long as the evaluation's prompt + :data:`ARITH_GEN_LENGTH` window).
   """
   from mmada_jax.data.config import default_data_config
   if stage not in ("pretrain", "sft"):
@@ -216,6 +223,10 @@ def data_config(result: dict[str, Any], stage: str = "pretrain", batch_sizes: Se
   c.read_threads = 1
   c.prefetch_buffer_size = 4
   c.t2i.batch_size, c.lm.batch_size, c.mmu.batch_size = (int(b) for b in batch_sizes)
+  lens = result.get("flow_text_len") or {}     # absent in data built before per-flow lengths
+  c.t2i.max_text_len = int(lens.get("t2i", 0))
+  c.mmu.max_text_len = int(lens.get("mmu", 0))
+  c.lm.max_text_len = int(lens.get("lm" if stage == "pretrain" else "lm_chat", 0))
   c.t2i.path = p["t2i_train"]
   c.mmu.path = p["mmu_train"]
   if stage == "pretrain":
@@ -226,8 +237,12 @@ def data_config(result: dict[str, Any], stage: str = "pretrain", batch_sizes: Se
   return c
 
 
+DATA_VERSION = 2   # bumped when the built data's layout changes (2: per-flow text lengths)
+
+
 def _settings_hash(seed: int, cfg: DemoDataConfig) -> str:
-  return hashlib.sha256(json.dumps({"seed": int(seed), "config": cfg.to_dict()}, sort_keys=True).encode()).hexdigest()
+  return hashlib.sha256(json.dumps({"seed": int(seed), "config": cfg.to_dict(), "version": DATA_VERSION},
+                                   sort_keys=True).encode()).hexdigest()
 
 
 def build_demo_data(workdir: str, seed: int = 0, config: DemoDataConfig = DemoDataConfig(),
@@ -384,13 +399,23 @@ def build_demo_data(workdir: str, seed: int = 0, config: DemoDataConfig = DemoDa
   lengths = _text_lengths(tok, problems, config.thinking_prompt, lm_rows)
   s = max(lengths["t2i_core"] - 1, lengths["mmu_text"], max(lengths["lm_chat"], lengths["lm_text"]) - n_img - 3)
   model = demo_model_config(tok, cb, n_img, s)
+  if lengths["arith_answer"] + 1 > ARITH_GEN_LENGTH:
+    raise ValueError(f"arithmetic answers take {lengths['arith_answer']} tokens + EOS, more than the "
+                     f"{ARITH_GEN_LENGTH}-token generation window (lower max_operand)")
+  # Each flow's rows as short as its longest row (L = S_f + N + 3); SFT chat rows end where the
+  # evaluation's window ends (prompt + ARITH_GEN_LENGTH), so the model trains on the length it
+  # decodes at (measured: rows of the common length lose a third of the arithmetic accuracy).
+  extra = n_img + 3
+  flow_lens = {"t2i": lengths["t2i_core"] - 1, "mmu": lengths["mmu_text"],
+               "lm": max(1, lengths["lm_text"] - extra),
+               "lm_chat": max(1, lengths["lm_chat_prompt"] + ARITH_GEN_LENGTH - extra)}
   timings["total"] = time.perf_counter() - t_start
   stats = {"timings_s": timings, "magvit": magvit_stats, "magvit_losses": mstats["losses"], "classifier": clf_stats,
            "text_tokenizer_len": len(tok), "token_lengths": lengths,
            "counts": {"train_images": len(train), "test_images": len(test), "t2i_rows": n_t2i, "mmu_rows": n_mmu, "problems": len(problems),
                       "lm_rows": len(lm_rows), "t2i_eval": len(t2i_eval)}}
   result = {"seed": int(seed), "config": config.to_dict(), "settings_hash": settings, "paths": paths,
-            "stats": stats, "model": model}
+            "stats": stats, "model": model, "flow_text_len": flow_lens}
   records.write_json_atomic(result_path, result)
   say(f"demo data: built in {timings['total']:.1f}s -> {workdir}")
   return result

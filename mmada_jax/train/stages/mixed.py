@@ -3,12 +3,15 @@
 The objective itself is :mod:`mmada_jax.diffusion.objectives`; this module binds it to the
 trainer: the data iterator named by ``config.data_source``, the vocabulary check against the
 data's token ids, and the batch spec (``data.<task>.batch_size`` global rows of
-``L = data.max_text_len + data.num_image_tokens + 3`` tokens per task).
+``L = S_f + data.num_image_tokens + 3`` tokens per task, S_f = ``data.<task>.max_text_len`` or
+``data.max_text_len``; tasks of different lengths get one forward each).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
@@ -52,28 +55,64 @@ def check_vocabulary(config: ConfigDict, model_cfg: MMaDAConfig) -> None:
                      f"(ids up to {top - 1}: image offset + codebook_size)")
 
 
+def task_text_lens(config: ConfigDict) -> dict[str, int]:
+  """S_f per present task: ``data.<task>.max_text_len``, or ``data.max_text_len`` where that is 0."""
+  from mmada_jax.data.config import flow_text_len
+  return {t: flow_text_len(config.data, t) for t in objectives.TASKS if int(config.data[t].batch_size) > 0}
+
+
 def mixed_batch_spec(config: ConfigDict) -> dict[str, dict[str, Any]]:
   """The global batch of one step: ``data.<task>.batch_size`` rows (tasks with 0 rows absent) of
-  ``data.max_text_len + data.num_image_tokens + 3`` int32 tokens (:func:`objectives.batch_spec`)."""
-  length = int(config.data.max_text_len) + int(config.data.num_image_tokens) + 3
-  return objectives.batch_spec({t: int(config.data[t].batch_size) for t in objectives.TASKS}, length)
+  ``S_f + data.num_image_tokens + 3`` int32 tokens, S_f per :func:`task_text_lens`
+  (:func:`objectives.batch_spec`)."""
+  n = int(config.data.num_image_tokens)
+  lens = task_text_lens(config)
+  if not lens:
+    raise ValueError("every flow has batch_size 0: set data.t2i/lm/mmu.batch_size")
+  spec: dict[str, dict[str, Any]] = {}
+  for t, s in lens.items():
+    spec.update(objectives.batch_spec({t: int(config.data[t].batch_size)}, s + n + 3))
+  return spec
 
 
 def mixed_sequences(batch: Any) -> tuple[int, int]:
-  """(rows over the present tasks, token length) of a mixed batch (host batch or spec)."""
+  """(rows over the present tasks, mean token length per row, rounded up) of a mixed batch (host
+  batch or spec); rows × length is the step's token count when the tasks share one length."""
   present = [t for t in objectives.TASKS if t in batch]
-  rows = sum(int(np.shape(batch[t]["input_ids"])[0]) for t in present)
-  return rows, int(np.shape(batch[present[0]]["input_ids"])[1])
+  shapes = [np.shape(batch[t]["input_ids"]) for t in present]
+  rows = sum(int(sh[0]) for sh in shapes)
+  tokens = sum(int(sh[0]) * int(sh[1]) for sh in shapes)
+  return rows, -(-tokens // max(1, rows))
 
 
 def _mixed_stage(name: str, config: ConfigDict, model_cfg: MMaDAConfig, abstract: bool) -> Stage:
   spec = objectives.MixedSpec.from_config(config, model_cfg)
   batch = mixed_batch_spec(config)
+  lens = task_text_lens(config)
   if not abstract:
     check_vocabulary(config, model_cfg)
+  if len(set(lens.values())) <= 1:
+    spec = dataclasses.replace(spec, max_text_len=next(iter(lens.values())))
 
-  def loss_fn(params, batch, rng, frozen):
-    return objectives.mixed_loss_fn(params, batch, rng, frozen, model_cfg=model_cfg, spec=spec)
+    def loss_fn(params, batch, rng, frozen):
+      return objectives.mixed_loss_fn(params, batch, rng, frozen, model_cfg=model_cfg, spec=spec)
+  else:
+    task_specs = {t: dataclasses.replace(spec, max_text_len=s) for t, s in lens.items()}
+
+    def loss_fn(params, batch, rng, frozen):
+      # Tasks of different lengths: one forward per task. Each task's loss is normalised over its
+      # own rows and noise_mixed_batch draws every task's masks from its own split of ``rng``, so
+      # the sum equals the one-forward loss of equal-length tasks.
+      total, parts = jnp.float32(0.0), {}
+      for t in objectives.TASKS:
+        if t not in batch:
+          continue
+        loss, m = objectives.mixed_loss_fn(params, {t: batch[t]}, rng, frozen, model_cfg=model_cfg,
+                                           spec=task_specs[t])
+        total = total + loss
+        parts = m if not parts else {k: parts[k] + m[k] for k in parts}
+      parts["loss"] = total
+      return total, parts
 
   def make_batches(process_index: int, process_count: int):
     if abstract:
