@@ -42,10 +42,8 @@ def analytical_flops(cfg: MMaDAConfig, shapes: StepShapes, frozen_base: bool = F
   with the LM head counted only at the ``logit_positions`` per row where the loss applies it and
   only over the ``head_vocab`` rows it projects onto. ``frozen_base`` (LoRA): 4 instead of 6 FLOPs
   per matmul parameter and token (no weight gradients of the base; the adapters' are neglected)."""
-  flops = metrics_lib.flops_per_step(cfg, shapes.rows, shapes.length)
+  flops = metrics_lib.flops_per_step(cfg, shapes.rows, shapes.length, frozen_base)
   per = 4.0 if frozen_base else 6.0
-  if frozen_base:
-    flops -= 2.0 * metrics_lib.matmul_params(cfg) * shapes.rows * shapes.length
   head = per * cfg.d_model * cfg.vocab_size
   used = per * cfg.d_model * (shapes.head_vocab or cfg.vocab_size)
   return flops - head * shapes.rows * shapes.length + used * shapes.rows * shapes.logit_positions

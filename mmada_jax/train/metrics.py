@@ -2,7 +2,7 @@
 
 Model FLOPs per step (the usual 6ND + attention convention; remat recomputation not counted)::
 
-  flops = 6 · N_mm · T  +  12 · n_layers · L² · d_model · R
+  flops = 6 · N_mm · T  +  12 · n_layers · L² · d_model · R       (LoRA: 4 · N_mm · T, frozen base)
 
 with R sequences of length L per optimizer step (all micro-batches), T = R·L tokens, and
 N_mm the parameters used in matmuls (all parameters minus the embedding table, whose lookup is a
@@ -57,10 +57,13 @@ def matmul_params(cfg: MMaDAConfig) -> int:
   return cfg.num_params() - cfg.vocab_size * cfg.d_model - norms
 
 
-def flops_per_step(cfg: MMaDAConfig, sequences: int, length: int) -> float:
-  """Model FLOPs of one optimizer step over ``sequences`` rows of ``length`` tokens."""
+def flops_per_step(cfg: MMaDAConfig, sequences: int, length: int, frozen_base: bool = False) -> float:
+  """Model FLOPs of one optimizer step over ``sequences`` rows of ``length`` tokens;
+  ``frozen_base`` (LoRA): 4 instead of 6 per matmul parameter and token (the frozen base gets no
+  weight gradients; the adapters' FLOPs are neglected)."""
   tokens = sequences * length
-  return 6.0 * matmul_params(cfg) * tokens + 12.0 * cfg.n_layers * length ** 2 * cfg.d_model * sequences
+  per = 4.0 if frozen_base else 6.0
+  return per * matmul_params(cfg) * tokens + 12.0 * cfg.n_layers * length ** 2 * cfg.d_model * sequences
 
 
 class NonFiniteLoss(RuntimeError):
@@ -81,8 +84,10 @@ class StepMetrics:
   """
 
   def __init__(self, model_cfg: MMaDAConfig, writer: "MetricWriter", progress: "Progress", *, total: int,
-               log_every: int, start: int, peak_flops: float | None, devices: int) -> None:
+               log_every: int, start: int, peak_flops: float | None, devices: int,
+               frozen_base: bool = False) -> None:
     self.model_cfg, self.writer, self.progress = model_cfg, writer, progress
+    self.frozen_base = frozen_base
     self.total, self.log_every = total, log_every
     self.peak_flops, self.devices = peak_flops, devices
     self.last_good = start
@@ -122,7 +127,7 @@ class StepMetrics:
     else:
       self._steps += 1
       self._tokens += rows * length
-      self._flops += flops_per_step(self.model_cfg, rows, length)
+      self._flops += flops_per_step(self.model_cfg, rows, length, self.frozen_base)
     elapsed = now - self._t
     if self._steps and elapsed > 0:
       m["steps_per_sec"] = self._steps / elapsed

@@ -98,7 +98,8 @@ def run(config: ConfigDict, workdir: str) -> int:
   progress = metrics_lib.Progress(r.total, start.step, enabled=r.is_main and bool(config.progress_bar))
   peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, float(config.peak_flops_per_device))
   metrics = StepMetrics(r.model_cfg, writer, progress, total=r.total, log_every=int(config.log_every),
-                        start=start.step, peak_flops=peak, devices=jax.device_count())
+                        start=start.step, peak_flops=peak, devices=jax.device_count(),
+                        frozen_base=int(config.lora.rank) > 0)
   preempt = _Preemption(r.say)
   code = EXIT_OK
   try:
