@@ -28,7 +28,7 @@ VARIANTS = ("pretrain", "sft", "grpo", "grpo_text", "grpo_mmu", "grpo_t2i")
 # variant: (steps, lr, warm-up, batch sizes t2i/lm/mmu, coefficients t2i/lm/mmu). SFT weights the
 # arithmetic 4× (measured on seed 0's pretrained model, rows ending at the evaluation's window:
 # arithmetic 0.77 after SFT with 1.0, 0.98 with 4.0; image understanding unchanged).
-MIXED = {"pretrain": (600, 3e-3, 50, (32, 32, 32), (1.0, 0.5, 1.0)),
+MIXED = {"pretrain": (1200, 3e-3, 50, (32, 32, 32), (1.0, 0.5, 1.0)),
          "sft": (300, 1e-3, 20, (16, 32, 32), (1.0, 4.0, 0.5))}
 GRPO_STEPS = {"grpo": 120, "grpo_text": 100, "grpo_mmu": 60, "grpo_t2i": 20}
 GRPO_LR = {"grpo": 5e-5, "grpo_text": 5e-5, "grpo_mmu": 1e-4, "grpo_t2i": 1e-4}
