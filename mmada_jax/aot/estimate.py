@@ -6,7 +6,7 @@ against.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ml_collections import ConfigDict
 
@@ -49,6 +49,21 @@ def analytical_flops(cfg: MMaDAConfig, shapes: StepShapes, frozen_base: bool = F
   return flops - head * shapes.rows * shapes.length + used * shapes.rows * shapes.logit_positions
 
 
+
+def _memory_fields(c: Any, cap: int, say: Callable[[str], None]) -> dict[str, Any]:
+  """The report's fit / HBM fields of compile result ``c`` against ``cap`` bytes per chip (an
+  out-of-memory compile: the figures its error message gives, and ``compile_error``)."""
+  if c.memory is None:
+    used = c.oom["used_bytes"] if c.oom else None
+    if c.oom:
+      cap = int(c.oom["capacity_bytes"])
+    return dict(fits=False, hbm_per_chip_bytes=used, hbm_capacity_bytes=cap,
+                hbm_headroom=None if used is None else 1.0 - used / cap, compile_error=c.error)
+  m = c.memory
+  hbm = m["argument"] + m["output"] + m["temp"] - m["alias"]
+  say(f"  compiled in {c.seconds:.0f}s; HBM {hbm / GIB:.2f} GiB per chip")
+  return dict(fits=hbm <= cap, hbm_per_chip_bytes=hbm, hbm_headroom=1.0 - hbm / cap, memory=m)
+
 def estimate(config: ConfigDict, topo: Topology, *, devices: list[Any] | None = None,
              grpo_prompt_len: int = 256, twins: bool = True,
              compiler_options: Mapping[str, Any] | None = None, log=None) -> dict[str, Any]:
@@ -79,17 +94,9 @@ def estimate(config: ConfigDict, topo: Topology, *, devices: list[Any] | None = 
       "step_flops": analytical_flops(model_cfg, sh, frozen_base=int(config.lora.rank) > 0), "xla_step_flops": None, "estimated_step_seconds": None,
       "estimated_mfu": None,
   }
+  out.update(_memory_fields(c, cap, say))
   if c.memory is None:
-    used = c.oom["used_bytes"] if c.oom else None
-    if c.oom:
-      cap = int(c.oom["capacity_bytes"])
-    out.update(fits=False, hbm_per_chip_bytes=used, hbm_capacity_bytes=cap,
-               hbm_headroom=None if used is None else 1.0 - used / cap, compile_error=c.error)
     return out
-  m = c.memory
-  hbm = m["argument"] + m["output"] + m["temp"] - m["alias"]
-  out.update(fits=hbm <= cap, hbm_per_chip_bytes=hbm, hbm_headroom=1.0 - hbm / cap, memory=m)
-  say(f"  compiled in {c.seconds:.0f}s; HBM {hbm / GIB:.2f} GiB per chip")
 
   if not twins:
     return out
@@ -172,15 +179,5 @@ def estimate_sampler(config: ConfigDict, topo: Topology, program: str, quantize:
       "param_bytes": quant.nbytes(params), "shapes": dataclasses.asdict(shapes), "seq_len": shapes.length,
       "hbm_capacity_bytes": cap, "compile_seconds": round(c.seconds, 1),
   }
-  if c.memory is None:
-    used = c.oom["used_bytes"] if c.oom else None
-    if c.oom:
-      cap = int(c.oom["capacity_bytes"])
-    out.update(fits=False, hbm_per_chip_bytes=used, hbm_capacity_bytes=cap,
-               hbm_headroom=None if used is None else 1.0 - used / cap, compile_error=c.error)
-    return out
-  m = c.memory
-  hbm = m["argument"] + m["output"] + m["temp"] - m["alias"]
-  out.update(fits=hbm <= cap, hbm_per_chip_bytes=hbm, hbm_headroom=1.0 - hbm / cap, memory=m)
-  say(f"  compiled in {c.seconds:.0f}s; HBM {hbm / GIB:.2f} GiB per chip")
+  out.update(_memory_fields(c, cap, say))
   return out

@@ -6,6 +6,14 @@ from typing import Any, Mapping
 from mmada_jax.aot.topology import GIB
 
 
+def _oom_line(r: Mapping[str, Any]) -> str:
+  """The report line of a program that XLA could not fit in HBM."""
+  used = r.get("hbm_per_chip_bytes")
+  return ("does NOT fit: XLA could not compile it in HBM"
+          + (f" (used {used / GIB:.2f} GiB of {r['hbm_capacity_bytes'] / GIB:.2f} GiB)" if used else "")
+          + f": {r.get('compile_error', '')}")
+
+
 def format_report(r: Mapping[str, Any]) -> str:
   """Human-readable lines of an :func:`estimate` report."""
   mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items())
@@ -20,11 +28,7 @@ def format_report(r: Mapping[str, Any]) -> str:
          else f"in chunks of {r['logits_chunk']}" if r["logits_chunk"] else "full [B, L, V]"),
   ]
   if r.get("memory") is None:
-    used = r.get("hbm_per_chip_bytes")
-    lines.append("does NOT fit: XLA could not compile it in HBM"
-                 + (f" (used {used / GIB:.2f} GiB of {r['hbm_capacity_bytes'] / GIB:.2f} GiB)" if used else "")
-                 + f": {r.get('compile_error', '')}")
-    return "\n".join(lines)
+    return "\n".join(lines + [_oom_line(r)])
   m = r["memory"]
   lines.append(
       f"HBM per chip (arguments + outputs + temps − aliased): {r['hbm_per_chip_bytes'] / GIB:.2f} GiB of "
@@ -58,11 +62,7 @@ def format_sampler_report(r: Mapping[str, Any]) -> str:
            f"{'bfloat16' if r['quantize'] == 'none' else r['quantize'] + ' (weight-only)'}, "
            f"{r['param_bytes'] / GIB:.2f} GiB"]
   if r.get("memory") is None:
-    used = r.get("hbm_per_chip_bytes")
-    lines.append("does NOT fit: XLA could not compile it in HBM"
-                 + (f" (used {used / GIB:.2f} GiB of {r['hbm_capacity_bytes'] / GIB:.2f} GiB)" if used else "")
-                 + f": {r.get('compile_error', '')}")
-    return "\n".join(lines)
+    return "\n".join(lines + [_oom_line(r)])
   lines.append(f"HBM per chip (arguments + outputs + temps − aliased): {r['hbm_per_chip_bytes'] / GIB:.2f} GiB of "
                f"{r['hbm_capacity_bytes'] / GIB:.1f} GiB ({100 * r['hbm_headroom']:.0f}% free) → "
                f"{'fits' if r['fits'] else 'does NOT fit'}")
