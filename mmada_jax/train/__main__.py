@@ -43,5 +43,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  from mmada_jax.host import reexec_with_huge_pages
+  reexec_with_huge_pages()   # XLA:CPU temporaries on huge pages (mmada_jax/host.py)
   from mmada_jax.train.config import TrainConfig
   app.run(main, flags_parser=lambda argv: parse_config_flags(argv, TrainConfig))
