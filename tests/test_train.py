@@ -109,7 +109,12 @@ def test_tiny_trains_and_reports(reference):
   assert m[1]["lr"] == 0.0 and m[10]["lr"] > m[2]["lr"]                      # linear warm-up from 0
   assert list((reference / "tensorboard").glob("events.out.tfevents.*"))
   assert sorted(int(p.name) for p in (reference / "checkpoints").iterdir()) == [16, 20, 24]  # max_to_keep=3
-  assert json.load(open(reference / "status.json"))["status"] == "finished"
+  status = json.load(open(reference / "status.json"))
+  assert status["status"] == "finished"
+  times = status["timings_s"]           # where the run's wall time went (train.metrics.PhaseTimes)
+  assert sorted(times) == sorted(("setup", "compile", "data", "pre_step", "step", "checkpoint", "sampling"))
+  assert times["setup"] > 0 and times["compile"] > 0 and times["step"] > 0 and times["checkpoint"] > 0
+  assert times["pre_step"] == 0.0       # a mixed stage has no pre-step
   meta = json.load(open(reference / "config.json"))
   assert meta["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and meta["config"]["steps"] == 24
 

@@ -69,15 +69,19 @@ class StepLoop:
           self._stop_preempted()
           break
         try:
-          host_batch = next(r.data_iter)
+          with r.times.phase("data"):
+            host_batch = next(r.data_iter)
         except StopIteration:
           self._stop_exhausted()
           break
         self._train_step(host_batch)
         self._after_step()
-      self.metrics.flush()
+      with r.times.phase("step"):
+        self.metrics.flush()
       if self.step == r.total:
         self.save(self.step)
+        with r.times.phase("checkpoint"):
+          r.ckpt.wait()       # "finished" only once the last checkpoint is on disk
         r.write_status("finished", self.step)
 
   def save(self, step: int) -> None:
@@ -85,27 +89,33 @@ class StepLoop:
     non-finite step is never saved)."""
     if step == self.last_saved:
       return
-    self.metrics.flush()
-    self.r.ckpt.save(step, self.state, self.r.data_iter.get_state(), dict(self.meta, step=step))
+    with self.r.times.phase("step"):
+      self.metrics.flush()
+    with self.r.times.phase("checkpoint"):
+      self.r.ckpt.save(step, self.state, self.r.data_iter.get_state(), dict(self.meta, step=step))
     self.last_saved = step
 
   def _train_step(self, host_batch: Any) -> None:
     r = self.r
     if r.stage.pre_step is not None:
       ctx = StepContext(self.state, self.step, r.mesh, r.config, r.model_cfg, self.frozen)
-      host_batch = r.stage.pre_step(ctx, host_batch)
+      with r.times.phase("pre_step"):
+        host_batch = r.stage.pre_step(ctx, host_batch)
     data_metrics = _data_metrics(r.data_iter)   # after pre_step: its host scalars (UniGRPO's time/*) too
     if self.compiled is None:   # the first batch must be what the stage declared
       check_batch(host_batch, r.stage.batch_spec(), jax.process_count(), r.grad_accum,
                   f"stage {r.stage.name!r}: the first batch")
     rows, length = r.stage.sequences(host_batch)
     sequences = (rows * jax.process_count(), length)
-    batch = to_global(host_batch, r.shard_ctx, micro=r.grad_accum)
+    with r.times.phase("step"):
+      batch = to_global(host_batch, r.shard_ctx, micro=r.grad_accum)
     if self.compiled is None:
-      self.compiled = compile_step(self.step_fn, r.shardings, self.state, batch, self.frozen, r.mesh, self.say)
-    self.state, metrics = self.compiled(self.state, batch, self.frozen)
-    self.step += 1
-    self.metrics.add(self.step, metrics, sequences, data_metrics)
+      with r.times.phase("compile"):
+        self.compiled = compile_step(self.step_fn, r.shardings, self.state, batch, self.frozen, r.mesh, self.say)
+    with r.times.phase("step"):
+      self.state, metrics = self.compiled(self.state, batch, self.frozen)
+      self.step += 1
+      self.metrics.add(self.step, metrics, sequences, data_metrics)
 
   def _after_step(self) -> None:
     config, step = self.r.config, self.step
@@ -114,12 +124,14 @@ class StepLoop:
       self.save(step)
     if self.sampler is not None and step % int(config.sampling.every) == 0:
       self.metrics.flush()
-      self.sampler(self.state.params, step)
+      with self.r.times.phase("sampling"):
+        self.sampler(self.state.params, step)
       self.metrics.restart_window()  # sampling time is not training time
 
   def _stop_preempted(self) -> None:
     self.save(self.step)
-    self.r.ckpt.wait()
+    with self.r.times.phase("checkpoint"):
+      self.r.ckpt.wait()
     self.say(f"preemption signal: saved a checkpoint at step {self.step} in {self.r.ckpt.directory}; "
              "rerun the same command to resume")
     self.r.write_status("preempted", self.step)

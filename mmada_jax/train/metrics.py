@@ -66,6 +66,44 @@ def flops_per_step(cfg: MMaDAConfig, sequences: int, length: int, frozen_base: b
   return per * matmul_params(cfg) * tokens + 12.0 * cfg.n_layers * length ** 2 * cfg.d_model * sequences
 
 
+class PhaseTimes:
+  """Wall seconds the trainer's thread spends in each phase of a run (``status.json``'s
+  ``timings_s``): ``setup`` (processes, mesh, data pipeline, init or restore, sampler), ``compile``,
+  ``data`` (the next host batch), ``pre_step`` (UniGRPO rollouts, rewards, old/reference
+  log-probs), ``step`` (transfer, dispatch and waiting for the device: metrics are read one step
+  behind), ``checkpoint`` (saves and waiting for their asynchronous writes), ``sampling``. The
+  device runs asynchronously, so a phase counts where the thread waited, not where the device
+  computed."""
+
+  PHASES = ("setup", "compile", "data", "pre_step", "step", "checkpoint", "sampling")
+
+  def __init__(self) -> None:
+    self.seconds = {k: 0.0 for k in self.PHASES}
+
+  def add(self, phase: str, seconds: float) -> None:
+    if phase not in self.seconds:
+      raise KeyError(f"unknown phase {phase!r}; expected one of {self.PHASES}")
+    self.seconds[phase] += float(seconds)
+
+  def phase(self, name: str) -> "_Phase":
+    """``with times.phase("data"): ...`` adds the block's wall seconds to ``name``."""
+    return _Phase(self, name)
+
+  def as_dict(self) -> dict[str, float]:
+    return {k: round(v, 3) for k, v in self.seconds.items()}
+
+
+class _Phase:
+  def __init__(self, times: PhaseTimes, name: str) -> None:
+    self.times, self.name, self.t0 = times, name, 0.0
+
+  def __enter__(self) -> None:
+    self.t0 = time.perf_counter()
+
+  def __exit__(self, *exc: Any) -> None:
+    self.times.add(self.name, time.perf_counter() - self.t0)
+
+
 class NonFiniteLoss(RuntimeError):
   """A step's loss or gradient norm is NaN or infinite (the run stops before saving it)."""
 

@@ -37,6 +37,7 @@ from mmada_jax.model.config import MMaDAConfig
 from mmada_jax.sharding import ShardingContext, make_mesh, use_sharding
 from mmada_jax.train import checkpointing, distributed, lora as lora_lib, optim, state as state_lib
 from mmada_jax.train.config import model_config, parse_config
+from mmada_jax.train.metrics import PhaseTimes
 from mmada_jax.train.stages import Stage, get_stage
 from mmada_jax.train.state import TrainState
 
@@ -100,12 +101,14 @@ class RunSetup:
   data_iter: Iterator
   say: Callable[[str], None]
   lora: lora_lib.LoraPlan | None = None
+  times: PhaseTimes = dataclasses.field(default_factory=PhaseTimes)
 
   def write_status(self, what: str, step: int) -> None:
-    """``WORKDIR/status.json`` = ``{"status": what, "step": step, "time": ...}`` (process 0)."""
+    """``WORKDIR/status.json`` = ``{"status": what, "step": step, "time": ..., "timings_s": ...}``
+    (process 0; ``timings_s``: this process's :class:`~mmada_jax.train.metrics.PhaseTimes` so far)."""
     if self.is_main:
       with open(os.path.join(self.workdir, "status.json"), "w") as f:
-        json.dump({"status": what, "step": int(step), "time": time.time()}, f)
+        json.dump({"status": what, "step": int(step), "time": time.time(), "timings_s": self.times.as_dict()}, f)
 
 
 def setup(config: ConfigDict, workdir: str) -> RunSetup:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections.abc import Callable
 
 import jax
@@ -88,6 +89,7 @@ class _Preemption:
 
 def run(config: ConfigDict, workdir: str) -> int:
   """Trains per ``config`` in ``workdir``; returns the exit code (module docstring)."""
+  t_setup = time.perf_counter()
   r = setup(config, workdir)
   start = restore_or_init(r)
   meta = run_meta(r, start.step, start.lora_meta)
@@ -110,6 +112,7 @@ def run(config: ConfigDict, workdir: str) -> int:
       if sampler is not None and r.lora is not None:   # LoRA: the state holds adapters; sample base ∪ adapters
         sample, plan, base = sampler, r.lora, start.frozen["base"]
         sampler = lambda adapters, step: sample(plan.compose(base, adapters), step)  # noqa: E731
+    r.times.add("setup", time.perf_counter() - t_setup)
     StepLoop(r, start, metrics, preempt, sampler, progress.write, meta).run()
   except NonFiniteLoss as e:
     code = EXIT_NONFINITE
