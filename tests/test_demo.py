@@ -53,8 +53,13 @@ def test_demo_artefacts(demo_run):
   for stage in STAGES:                       # scores after each stage, each a harness run
     assert set(summary["scores_by_stage"][stage]) == {"arithmetic", "mmu", "t2i"}
     assert (demo_run / f"curves_{stage}.png").exists()
+    phases = summary["stage_phases_s"][stage]  # where each stage's time went (trainer phases)
+    assert phases["compile"] > 0 and phases["step"] > 0
+    assert sum(phases.values()) <= summary["timings_s"][stage] + 0.5
+  assert summary["stage_phases_s"]["grpo"]["pre_step"] > 0    # UniGRPO's rollouts
   report = (demo_run / "report.md").read_text()
   assert "samples.png" in report and "curves_pretrain.png" in report and "| sft |" in report
+  assert "| stage | setup | compile | data | pre_step | step | checkpoint | sampling |" in report
   from PIL import Image
   assert Image.open(demo_run / "samples.png").size[1] >= 10 * 48   # a row of >= 48 px digits per prompted digit
   samples = np.load(demo_run / "samples.npz")

@@ -9,7 +9,7 @@ import pytest
 from mmada_jax.demo import arithmetic, digits, evaluate
 from mmada_jax.demo import tokenizers as demo_tok
 from mmada_jax.demo.classifier import DigitClassifier, train_classifier
-from mmada_jax.demo.data import (ARITH_GEN_LENGTH, DemoDataConfig, build_demo_data, data_config, read_jsonl,
+from mmada_jax.demo.data import (ARITH_GEN_LENGTH, MMU_GEN_LENGTH, DemoDataConfig, build_demo_data, data_config, read_jsonl,
                                  tokenizer_corpus)
 from mmada_jax.prompting import SpecialTokens, TextTokenizer
 from mmada_jax.rl import answers as answer_lib
@@ -209,10 +209,16 @@ def test_build_demo_data_formats_and_determinism(tmp_path):
   fl = a["flow_text_len"]   # each flow as long as its longest row; SFT chat rows end at the eval window
   assert fl["t2i"] == lengths["t2i_core"] - 1 and fl["mmu"] == lengths["mmu_text"] <= m["max_text_len"]
   assert fl["lm_chat"] + 16 + 3 == lengths["lm_chat_prompt"] + ARITH_GEN_LENGTH >= lengths["lm_chat"]
-  for stage, lm in (("pretrain", fl["lm"]), ("sft", fl["lm_chat"])):
+  # pretraining's plain MMU rows end at the MMU evaluation's window too (shorter than the CoT turns)
+  assert fl["mmu_plain"] == lengths["mmu_prompt"] + MMU_GEN_LENGTH >= lengths["mmu_plain_text"]
+  assert fl["mmu_plain"] < fl["mmu"]
+  for stage, lm, mmu_len in (("pretrain", fl["lm"], fl["mmu_plain"]), ("sft", fl["lm_chat"], fl["mmu"])):
     batch = next(make_mixed_iterator(data_config(a, stage, (2, 2, 4)), tok))
     assert {k: v["input_ids"].shape for k, v in batch.items()} == {
-        "t2i": (2, fl["t2i"] + 19), "lm": (2, lm + 19), "mmu": (4, fl["mmu"] + 19)}
+        "t2i": (2, fl["t2i"] + 19), "lm": (2, lm + 19), "mmu": (4, mmu_len + 19)}
+    if stage == "pretrain":   # every plain row fits: the answer's EOT sits inside the window
+      eot = tok.token_to_id("<|eot_id|>")
+      assert ((batch["mmu"]["input_ids"][:, 19:] == eot).sum(axis=1) == 2).all()   # question's and answer's
 
   b = build_demo_data(str(tmp_path / "b"), seed=5, config=SMALL, log=None)
   for name in ("lm_text", "sft_chat", "grpo_text", "grpo_mmu", "grpo_t2i", "eval_mmu", "eval_t2i", "eval_arith"):

@@ -60,11 +60,22 @@ def _load_params(stage_dir: str, model_cfg):
   return checkpointing.load_init_params(stage_dir, model_cfg, abstract, None)
 
 
-# Seconds per part measured on the development machine, idle (2 cores, 414 fp32 GEMM GFLOP/s;
-# seed 0, full preset, 4 min 36 s wall): the total ETA before a part has started, scaled by how
+# Seconds per part measured on the development machine, idle (2 cores, 385 fp32 GEMM GFLOP/s;
+# seed 0, full preset, 6 min 33 s wall): the total ETA before a part has started, scaled by how
 # fast the finished parts ran against these.
-EXPECTED_S = {"data": 25.0, "pretrain": 262.0, "sft": 55.0, "grpo": 47.0, "eval": 4.5, "final": 1.5}
+EXPECTED_S = {"data": 42.0, "pretrain": 236.0, "sft": 45.0, "grpo": 48.5, "eval": 5.1, "final": 1.7}
 TIMING_KEYS = ("steps_per_sec", "tokens_per_sec", "mfu", "time/")   # metrics.jsonl keys (prefixes) that time the machine
+
+
+def _stage_phases(stage_dir: str) -> dict[str, float]:
+  """A finished stage's wall seconds per trainer phase (``status.json``'s ``timings_s``: setup,
+  compile, data, pre_step, step, checkpoint, sampling); {} for a stage finished by an older
+  version (no timings recorded)."""
+  try:
+    with open(os.path.join(stage_dir, "status.json"), encoding="utf-8") as f:
+      return {k: round(float(v), 1) for k, v in json.load(f).get("timings_s", {}).items()}
+  except (OSError, ValueError):
+    return {}
 
 
 def gemm_gflops(n: int = 512, seconds: float = 1.5) -> float:
@@ -328,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
       "preset": args.preset, "seed": args.seed,
       "gemm_gflops": round(gflops, 1),
       "timings_s": {k: round(v, 1) for k, v in timings.items()},
+      "stage_phases_s": {st: _stage_phases(os.path.join(workdir, st)) for st in STAGES},
       "wall_time_s": round(wall, 1),
   }
   with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -341,4 +353,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  from mmada_jax.host import reexec_with_huge_pages
+  reexec_with_huge_pages()   # XLA:CPU temporaries on huge pages (mmada_jax/host.py)
   sys.exit(main())

@@ -48,6 +48,9 @@ RESULT_NAME = "demo_data.json"
 ARITH_GEN_LENGTH = 16
 """Tokens the demo's arithmetic evaluation and text UniGRPO generate after the prompt (the
 ``demo_arithmetic`` preset of ``configs/eval.py``): SFT chat rows end exactly there."""
+MMU_GEN_LENGTH = 4
+"""Tokens the demo's image-understanding evaluation and MMU UniGRPO generate after the question
+(the ``demo_mmu`` preset): pretraining's plain MMU rows end exactly there."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +60,7 @@ class DemoDataConfig:
   codebook_bits: int = 8               # LFQ bits K: 2**K image codes
   test_fraction: float = 0.2
   text_vocab_size: int = 512
-  magvit: MagvitTrainConfig = MagvitTrainConfig(steps=300, batch_size=64, lr=3e-3)
+  magvit: MagvitTrainConfig = MagvitTrainConfig(steps=600, batch_size=64, lr=3e-3)
   max_operand: int = 5
   ops: tuple[str, ...] = arithmetic.OPS
   lm_rows: int = 2000
@@ -161,7 +164,8 @@ def _text_lengths(tok, problems: Sequence[arithmetic.Problem], thinking_prompt: 
   """Longest token counts: ``t2i_core`` ([t2i] BOS caption EOS; must be <= S + 1), ``mmu_text``
   (BOS chat EOS; <= S), ``lm_chat`` and ``lm_text`` (BOS text EOS; <= L), ``arith_answer`` /
   ``mmu_cot_answer`` (CoT response + <|eot_id|>: the generation lengths the samplers need),
-  ``lm_chat_prompt`` (BOS chat prompt with the generation header: where generation starts)."""
+  ``lm_chat_prompt`` / ``mmu_prompt`` (BOS chat prompt with the generation header: where
+  generation starts; ``mmu_prompt``: the plain questions)."""
   system = None
   if thinking_prompt:
     from mmada_jax.rl.prompts import THINKING_PROMPT
@@ -177,9 +181,14 @@ def _text_lengths(tok, problems: Sequence[arithmetic.Problem], thinking_prompt: 
   answer = max(len(tok.encode(p.cot() + "<|eot_id|>", add_special_tokens=False)) for p in problems)
   mmu_answer = max(len(tok.encode(digits.mmu_answer(d, True) + "<|eot_id|>", add_special_tokens=False))
                    for d in range(10))
+  mmu_prompt = max(len(tok.apply_chat_template(digits.mmu_messages(0, q)[:1], add_generation_prompt=True))
+                   for q in range(len(digits.MMU_QUESTIONS)))
+  mmu_plain = max(len(tok.apply_chat_template(digits.mmu_messages(d, q), add_generation_prompt=False)) + 1
+                  for d in range(10) for q in range(len(digits.MMU_QUESTIONS)))
   lm = max(len(ids) for ids in tok.encode_batch(list(lm_rows), add_special_tokens=False)) + 2
   return {"t2i_core": t2i, "mmu_text": mmu, "lm_chat": chat, "lm_chat_prompt": chat_prompt, "lm_text": lm,
-          "arith_answer": answer, "mmu_cot_answer": mmu_answer}
+          "arith_answer": answer, "mmu_cot_answer": mmu_answer, "mmu_prompt": mmu_prompt,
+          "mmu_plain_text": mmu_plain}
 
 
 def demo_model_config(tokenizer, codebook_size: int = 256, num_image_tokens: int = 16,
@@ -187,7 +196,9 @@ def demo_model_config(tokenizer, codebook_size: int = 256, num_image_tokens: int
   """Suggested ``MMaDAConfig`` fields (plus ``max_text_len`` S and ``num_image_tokens`` N) for the demo.
 
   vocab = len(tokenizer) + codebook_size (image code c is token c + len(tokenizer)); ~1M parameters:
-  d_model 128, 4 layers, 4 heads (2 KV heads), MLP 384; rows of L = S + N + 3 tokens.
+  d_model 128, 4 layers, 4 heads (2 KV heads), MLP 384; rows of L = S + N + 3 tokens. The layers
+  are unrolled (``scan_layers=False``; same parameter layout): on XLA:CPU the demo's pretraining
+  step runs 24 % faster than as a scan (5.88 against 4.74 steps/s, 2 cores).
   """
   from mmada_jax.prompting.special_tokens import SpecialTokens
   sp = SpecialTokens.from_tokenizer(tokenizer)
@@ -196,17 +207,18 @@ def demo_model_config(tokenizer, codebook_size: int = 256, num_image_tokens: int
           "num_vq_tokens": int(num_image_tokens), "mask_token_id": sp.mask, "eos_token_id": sp.eos,
           "pad_token_id": sp.pad, "d_model": 128, "n_heads": 4, "n_kv_heads": 2, "n_layers": 4,
           "mlp_hidden_size": 384, "max_sequence_length": 128, "rope_theta": 10000.0,
-          "param_dtype": "float32", "dtype": "float32", "scan_layers": True,
+          "param_dtype": "float32", "dtype": "float32", "scan_layers": False,
           "max_text_len": int(max_text_len), "num_image_tokens": int(num_image_tokens)}
 
 
 def data_config(result: dict[str, Any], stage: str = "pretrain", batch_sizes: Sequence[int] = (16, 16, 16),
-                seed: int | None = None):
+                seed: int | None = None, mmu_weights: Sequence[float] = (1.0, 1.0)):
   """The ``config.data`` section reading the built data with the grain pipeline.
 
   ``stage``: ``pretrain`` (t2i captions, lm plain text, mmu plain answers) or ``sft`` (mixed CoT:
-  t2i captions, lm_chat arithmetic CoT, mmu plain answers mixed 1:1 with CoT answers to the
-  " Think first." questions). ``batch_sizes`` are the global rows per step of (t2i, lm, mmu);
+  t2i captions, lm_chat arithmetic CoT, mmu plain answers mixed with CoT answers to the
+  " Think first." questions, ``mmu_weights`` = (plain, CoT) their sampling weights). ``batch_sizes``
+  are the global rows per step of (t2i, lm, mmu);
   0 turns a flow off. Each flow's text budget is the built data's ``flow_text_len`` (its longest
   row; lm_chat rows are as long as the evaluation's prompt + :data:`ARITH_GEN_LENGTH` window).
   """
@@ -225,7 +237,7 @@ def data_config(result: dict[str, Any], stage: str = "pretrain", batch_sizes: Se
   c.t2i.batch_size, c.lm.batch_size, c.mmu.batch_size = (int(b) for b in batch_sizes)
   lens = result.get("flow_text_len") or {}     # absent in data built before per-flow lengths
   c.t2i.max_text_len = int(lens.get("t2i", 0))
-  c.mmu.max_text_len = int(lens.get("mmu", 0))
+  c.mmu.max_text_len = int(lens.get("mmu_plain" if stage == "pretrain" else "mmu", 0))
   c.lm.max_text_len = int(lens.get("lm" if stage == "pretrain" else "lm_chat", 0))
   c.t2i.path = p["t2i_train"]
   c.mmu.path = p["mmu_train"]
@@ -233,11 +245,12 @@ def data_config(result: dict[str, Any], stage: str = "pretrain", batch_sizes: Se
     c.lm.path, c.lm.kind = p["lm_text"], "lm"
   else:
     c.lm.path, c.lm.kind = p["sft_chat"], "lm_chat"
-    c.mmu.sources = [{"path": p["mmu_train"], "weight": 1.0}, {"path": p["mmu_cot_train"], "weight": 1.0}]
+    plain, cot = (float(w) for w in mmu_weights)
+    c.mmu.sources = [{"path": p["mmu_train"], "weight": plain}, {"path": p["mmu_cot_train"], "weight": cot}]
   return c
 
 
-DATA_VERSION = 2   # bumped when the built data's layout changes (2: per-flow text lengths)
+DATA_VERSION = 3   # bumped when the built data's layout changes (2: per-flow text lengths, 3: plain MMU rows)
 
 
 def _settings_hash(seed: int, cfg: DemoDataConfig) -> str:
@@ -405,8 +418,15 @@ def build_demo_data(workdir: str, seed: int = 0, config: DemoDataConfig = DemoDa
   # Each flow's rows as short as its longest row (L = S_f + N + 3); SFT chat rows end where the
   # evaluation's window ends (prompt + ARITH_GEN_LENGTH), so the model trains on the length it
   # decodes at (measured: rows of the common length lose a third of the arithmetic accuracy).
+  # Pretraining's MMU rows (plain answers only) likewise end at prompt + MMU_GEN_LENGTH: the digit
+  # is then one of 4 answer positions instead of one of 15 (mostly EOS padding), and rows are 11
+  # tokens shorter (seed 1, MMU batch 64: image understanding 0.900 -> 0.928 after pretraining).
   extra = n_img + 3
+  if lengths["mmu_plain_text"] > lengths["mmu_prompt"] + MMU_GEN_LENGTH:
+    raise ValueError(f"plain MMU answers take {lengths['mmu_plain_text'] - lengths['mmu_prompt']} tokens, more than "
+                     f"the {MMU_GEN_LENGTH}-token generation window")
   flow_lens = {"t2i": lengths["t2i_core"] - 1, "mmu": lengths["mmu_text"],
+               "mmu_plain": lengths["mmu_prompt"] + MMU_GEN_LENGTH,
                "lm": max(1, lengths["lm_text"] - extra),
                "lm_chat": max(1, lengths["lm_chat_prompt"] + ARITH_GEN_LENGTH - extra)}
   timings["total"] = time.perf_counter() - t_start

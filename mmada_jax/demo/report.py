@@ -85,6 +85,14 @@ def write_report(workdir: str, summary: Mapping[str, Any], stages: Sequence[str]
   lines += ["## Time per part (s)", "", "| part | seconds |", "|---|---|"]
   for k, v in summary.get("timings_s", {}).items():
     lines.append(f"| {k} | {v} |")
+  phases = {st: p for st, p in summary.get("stage_phases_s", {}).items() if p}
+  if phases:
+    names = [k for k in next(iter(phases.values()))]
+    lines += ["", "Each stage's time by trainer phase (s; `status.json`; device work is asynchronous, so a "
+              "phase counts where the trainer's thread waited):", "",
+              "| stage | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for st, p in phases.items():
+      lines.append(f"| {st} | " + " | ".join(f"{float(p.get(k, 0.0)):.1f}" for k in names) + " |")
   path = os.path.join(workdir, "report.md")
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
