@@ -45,6 +45,7 @@ import jax
 import numpy as np
 
 from mmada_jax.config_schema import parse
+from mmada_jax.data.jsonl import read_json_lines
 from mmada_jax.eval import batching, data, likelihood, scoring
 from mmada_jax.eval.config import EvalConfig
 
@@ -405,21 +406,14 @@ def _finished(workdir: str, examples: list[data.Example]) -> dict[int, dict[str,
   for path in [os.path.join(workdir, "samples.jsonl")] + _part_files(workdir):
     if not os.path.exists(path):
       continue
-    with open(path, encoding="utf-8") as f:
-      for n, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          r = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{n}: not a JSON row ({e})") from e
-        i = r.get("index") if isinstance(r, dict) else None
-        if not isinstance(i, int) or i < 0:
-          raise ValueError(f"{path}:{n}: a row without a non-negative integer 'index'")
-        if i in by_index and r.get("target") != by_index[i].target:
-          raise ValueError(f"{path}:{n}: example {i} has target {r.get('target')!r} but the data file says "
-                           f"{by_index[i].target!r}: the data changed since this run began; use another --workdir")
-        out.setdefault(i, r)
+    for n, r in read_json_lines(path):
+      i = r.get("index")
+      if not isinstance(i, int) or i < 0:
+        raise ValueError(f"{path}:{n}: a row without a non-negative integer 'index'")
+      if i in by_index and r.get("target") != by_index[i].target:
+        raise ValueError(f"{path}:{n}: example {i} has target {r.get('target')!r} but the data file says "
+                         f"{by_index[i].target!r}: the data changed since this run began; use another --workdir")
+      out.setdefault(i, r)
   return out
 
 
