@@ -701,13 +701,21 @@ def package_sources() -> list[tuple[str, str, str]]:
   return out
 
 
+def _defining_class(cls: type, key: str) -> type:
+  """The class in ``cls``'s MRO whose own body declares the field ``key``."""
+  return next((c for c in cls.__mro__ if key in c.__dict__.get("__annotations__", {})), cls)
+
+
 def unread_fields(root: type, reads: Iterable[Read]) -> list[str]:
-  """``config.path (Class.field)`` of every schema field without a read (a read on a base or
-  derived section class counts)."""
+  """``config.path (Class.field)`` of every schema field without a read. A read on a base or
+  derived section class counts, and so does one through any other section that inherits the
+  field from the base declaring it (one field, declared once: ``rl.TaskSettings``' keys are read
+  through ``GRPOConfig``, whose per-task copies ``task_list`` fills from ``rl.tasks`` entries)."""
   seen = {(r.cls, r.key) for r in reads}
   out = []
   for (cls, key), path in sorted(schema_paths(root).items(), key=lambda kv: kv[1]):
-    if not any(k == key and (issubclass(c, cls) or issubclass(cls, c)) for c, k in seen):
+    owner = _defining_class(cls, key)
+    if not any(k == key and (issubclass(c, owner) or issubclass(cls, c)) for c, k in seen):
       out.append(f"{path} ({cls.__name__}.{key})")
   return out
 
@@ -912,6 +920,33 @@ def test_planted_extra_key_in_a_variant_fails(variants):
 def test_planted_unread_field_fails():
   reads = _planted_analysis().reads
   assert unread_fields(_Top, reads) == ["config.optimizer.unused_knob (_Opt.unused_knob)"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shared:
+  width: int = 4
+  depth: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry(_Shared):
+  name: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Flat(_Shared):
+  entries: tuple[_Entry, ...] = ()
+
+
+def test_inherited_fields_count_reads_through_a_sibling_only_when_shared():
+  """A field declared once on a base is read when any section inheriting it reads it; a field of
+  the base that nothing reads, and a subclass's own unread field, are still reported."""
+  def read(cls, key):
+    return Read(cls, key, "planted.py:1")
+  reads = [read(_Flat, "width"), read(_Flat, "entries"), read(_Entry, "name")]
+  assert unread_fields(_Flat, reads) == ["config.depth (_Flat.depth)", "config.entries[].depth (_Entry.depth)"]
+  assert unread_fields(_Flat, reads[:2]) == ["config.depth (_Flat.depth)", "config.entries[].depth (_Entry.depth)",
+                                              "config.entries[].name (_Entry.name)"]
 
 
 def test_planted_undefined_read_and_default_fail():

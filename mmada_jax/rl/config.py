@@ -29,22 +29,14 @@ MASK_RATIO = {"paper_even": ("unigrpo", "linspace"), "paper_stratified": ("unigr
               "random": ("random", "linspace")}
 """``rl.mask_ratio`` -> (``MaskingConfig.method``, ``MaskingConfig.spacing``)."""
 PROMPT_SOURCES = ("jsonl", "toy_digits")
-TASK_FIELDS = ("task", "prompt_source", "prompt_file", "rewards", "max_prompt_len", "gen_length", "block_length",
-               "gen_steps", "temperature", "remasking", "guidance_scale", "cache", "threshold", "max_text_len",
-               "t2i_steps", "t2i_guidance_scale", "t2i_temperature", "noise_schedule", "response_tail",
-               "thinking_prompt", "toy_digits")
-"""The :class:`GRPOConfig` keys a :class:`TaskConfig` sets for its task (same names and defaults)."""
 
 
 @dataclasses.dataclass(frozen=True)
-class TaskConfig:
-  """One task source of ``rl.tasks`` (a unified UniGRPO stage): ``name`` (unique; metrics
-  ``<metric>/<name>``), ``weight`` (> 0: the task's share of ``rl.prompts_per_step``, see
-  :func:`mmada_jax.rl.prompts.mixture_counts`), and the task's own values of the
-  :data:`TASK_FIELDS` keys of :class:`GRPOConfig` (same meaning and defaults: kind, prompt
-  source / file, rewards, text / MMU or T2I sampler settings, response tail)."""
-  name: str = ""
-  weight: float = 1.0
+class TaskSettings:
+  """The ``config.rl`` keys one task of a UniGRPO stage sets for itself (kind, prompts, rewards,
+  text / MMU and T2I sampler settings, response tail), defined once: :class:`GRPOConfig` and each
+  ``rl.tasks`` entry (:class:`TaskConfig`) inherit them, names, types and defaults alike (their
+  meaning: :class:`GRPOConfig`)."""
   task: Literal["text", "mmu", "t2i"] = "text"
   prompt_source: Literal["", "jsonl", "toy_digits"] = ""
   prompt_file: str = ""
@@ -67,6 +59,20 @@ class TaskConfig:
   thinking_prompt: bool = True
   toy_digits: int = 10
 
+
+TASK_FIELDS = tuple(f.name for f in dataclasses.fields(TaskSettings))
+"""The :class:`GRPOConfig` keys a :class:`TaskConfig` sets for its task."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig(TaskSettings):
+  """One task source of ``rl.tasks`` (a unified UniGRPO stage): ``name`` (unique; metrics
+  ``<metric>/<name>``), ``weight`` (> 0: the task's share of ``rl.prompts_per_step``, see
+  :func:`mmada_jax.rl.prompts.mixture_counts`), and the task's own values of the
+  :class:`TaskSettings` keys."""
+  name: str = ""
+  weight: float = 1.0
+
   def __post_init__(self):
     if not self.name or "/" in self.name or "," in self.name:
       raise ValueError(f"rl.tasks: name={self.name!r} must be non-empty without '/' or ','")
@@ -75,7 +81,7 @@ class TaskConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class GRPOConfig:
+class GRPOConfig(TaskSettings):
   """Static settings of the UniGRPO stage; each field is the ``config.rl`` key of that name.
 
   * ``task`` 'text' | 'mmu' | 't2i'; ``group_size`` G; ``prompts_per_step`` global prompts per
@@ -109,7 +115,6 @@ class GRPOConfig:
     :mod:`mmada_jax.scorers.preference`), ``reward_clip`` / ``reward_image`` (their weights).
   * ``tasks``: the unified stage's task sources (:class:`TaskConfig`); empty = the one task above.
   """
-  task: Literal["text", "mmu", "t2i"] = "text"
   group_size: int = 16
   prompts_per_step: int = 8
   inner_updates: int = 5
@@ -122,34 +127,14 @@ class GRPOConfig:
   num_timesteps: int = 1000
   mask_ratio_low: float = 0.1
   mask_ratio_high: float = 0.9
-  response_tail: Literal["mask", "train"] = "mask"
   drop_degenerate_groups: bool = False
   filter_low: float = 0.05
   filter_high: float = 0.95
   filter_reward: str = ""
-  max_prompt_len: int = 0
-  gen_length: int = 128
-  block_length: int = 64
-  gen_steps: int = 128
-  temperature: float = 0.8
-  remasking: str = "low_confidence"
-  guidance_scale: float = 0.0
-  cache: Literal["none", "prefix", "dual"] = "none"
-  threshold: float = 0.0
-  max_text_len: int = 0
-  t2i_steps: int = 15
-  t2i_guidance_scale: float = 3.5
-  t2i_temperature: float = 1.0
-  noise_schedule: str = "cosine"
-  rewards: str = ""
   reward_correct: float = 2.0
   reward_format: float = 0.5
-  prompt_source: Literal["", "jsonl", "toy_digits"] = ""
-  prompt_file: str = ""
   text_tokenizer: str = ""
   image_tokenizer: str = ""
-  thinking_prompt: bool = True
-  toy_digits: int = 10
   seed: int = 0
   clip_model: str = ""
   preference_head: str = ""
@@ -201,14 +186,7 @@ class GRPOConfig:
     out = []
     for item in self.tasks:
       t: TaskConfig = item
-      values = dict(task=t.task, prompt_source=t.prompt_source, prompt_file=t.prompt_file, rewards=t.rewards,
-                    max_prompt_len=t.max_prompt_len, gen_length=t.gen_length, block_length=t.block_length,
-                    gen_steps=t.gen_steps, temperature=t.temperature, remasking=t.remasking,
-                    guidance_scale=t.guidance_scale, cache=t.cache, threshold=t.threshold,
-                    max_text_len=t.max_text_len, t2i_steps=t.t2i_steps, t2i_guidance_scale=t.t2i_guidance_scale,
-                    t2i_temperature=t.t2i_temperature, noise_schedule=t.noise_schedule,
-                    response_tail=t.response_tail, thinking_prompt=t.thinking_prompt, toy_digits=t.toy_digits)
-      assert tuple(values) == TASK_FIELDS
+      values = {name: getattr(t, name) for name in TASK_FIELDS}
       try:
         cfg = dataclasses.replace(self, tasks=(), **values)
       except ValueError as e:
