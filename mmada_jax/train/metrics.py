@@ -16,11 +16,13 @@ stop, logging cadence); :class:`MetricWriter` and :class:`Progress` are where it
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -85,23 +87,17 @@ class PhaseTimes:
       raise KeyError(f"unknown phase {phase!r}; expected one of {self.PHASES}")
     self.seconds[phase] += float(seconds)
 
-  def phase(self, name: str) -> "_Phase":
+  @contextlib.contextmanager
+  def phase(self, name: str) -> Iterator[None]:
     """``with times.phase("data"): ...`` adds the block's wall seconds to ``name``."""
-    return _Phase(self, name)
+    t0 = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.add(name, time.perf_counter() - t0)
 
   def as_dict(self) -> dict[str, float]:
     return {k: round(v, 3) for k, v in self.seconds.items()}
-
-
-class _Phase:
-  def __init__(self, times: PhaseTimes, name: str) -> None:
-    self.times, self.name, self.t0 = times, name, 0.0
-
-  def __enter__(self) -> None:
-    self.t0 = time.perf_counter()
-
-  def __exit__(self, *exc: Any) -> None:
-    self.times.add(self.name, time.perf_counter() - self.t0)
 
 
 class NonFiniteLoss(RuntimeError):
